@@ -1,0 +1,313 @@
+"""The wire protocol between engines and the cache server.
+
+Every frame is one msgpack-encoded, tagged msgspec struct. An engine's DEALER socket sends a
+request; the server's ROUTER answers every request it can decode with exactly one reply carrying
+the same ``req_id``: the typed reply, or an ``ErrorReply`` with a code and a message.
+
+Chunk keys travel as one ``bytes`` blob of ``KEY_BYTES``-sized keys, in prefix order, so a
+32k-token prompt (128 keys) costs one small frame and no per-key object.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+KEY_BYTES = 16
+MAX_FRAME_BYTES = 4 << 20
+MAX_KEYS_PER_REQUEST = 65536
+MAX_BATCH_OPS = 1024
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1  # undecodable bytes, unknown message type, wrong field types
+    BAD_VERSION = 2  # protocol version the server does not speak
+    NO_SESSION = 3  # request before Hello, or after the server restarted
+    BAD_REQUEST = 4  # well-formed but invalid: bad key blob, rank out of range, ...
+    UNKNOWN_NAMESPACE = 5
+    GEOMETRY_MISMATCH = 6
+    TOO_LARGE = 7  # frame, batch or key list over the limits
+    NO_SPACE = 8  # nothing could be evicted to make room
+    UNKNOWN_LEASE = 9
+    UNKNOWN_RESERVATION = 10
+    INTERNAL = 11  # a server bug; the server keeps serving
+
+
+class SlotStatus(enum.IntEnum):
+    """Per-key outcome of a Reserve, sent as plain ints in ``ReserveReply.status``."""
+
+    RESERVED = 0  # write the slot at the returned offset, then commit
+    PRESENT = 1  # already committed by this rank: nothing to write
+    BUSY = 2  # another writer holds it: nothing to write
+    NO_SPACE = 3  # not stored; every later key of the request is NO_SPACE too (no holes)
+
+
+class KVGeometry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one tensor-parallel rank's share of one chunk looks like in a slot.
+
+    ``layout`` names the engine's byte layout (see kvdepot.transfer.layout): engines only share
+    chunks when every field here is equal, so bytes are never reinterpreted.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_size_k: int
+    head_size_v: int  # 0 for MLA (latent cache, no separate V)
+    dtype: str
+    block_size: int  # engine tokens per block; divides the chunk size
+    num_planes: int  # contiguous per-block pieces a block is made of, over all layers
+    piece_bytes: int  # bytes of one plane of one block
+    layout: str
+
+    def slot_bytes(self, chunk_tokens: int) -> int:
+        return self.num_planes * self.piece_bytes * (chunk_tokens // self.block_size)
+
+    def describe(self) -> str:
+        v = f"+{self.head_size_v}" if self.head_size_v else " (MLA)"
+        return (
+            f"{self.num_kv_heads} kv heads x {self.head_size_k}{v} head dims, {self.dtype}, "
+            f"block {self.block_size}, layout {self.layout}"
+        )
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    protocol_version: int
+    engine_id: str
+    pid: int = 0
+
+
+class Register(msgspec.Struct, tag=True, array_like=True):
+    """Declare the KV geometry of a model served with ``world_size`` tensor-parallel ranks."""
+
+    req_id: int
+    model: str
+    geometry: KVGeometry
+    world_size: int = 1
+    salt: str = ""
+
+
+class Lookup(msgspec.Struct, tag=True, array_like=True):
+    """How many leading chunks does every rank have? Optionally lease them for a later load."""
+
+    req_id: int
+    namespace: int
+    keys: bytes
+    lease_ms: int = 0  # 0: no lease
+
+
+class Reserve(msgspec.Struct, tag=True, array_like=True):
+    """Phase one of a store: slots for ``rank``'s shard of each chunk, not readable until Commit."""
+
+    req_id: int
+    namespace: int
+    rank: int
+    keys: bytes
+    ttl_ms: int = 0  # 0: the server's default
+
+
+class Commit(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    reservation: int
+
+
+class Abort(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    reservation: int
+
+
+class Acquire(msgspec.Struct, tag=True, array_like=True):
+    """Lease ``rank``'s slots of the longest committed prefix of ``keys`` for reading."""
+
+    req_id: int
+    namespace: int
+    rank: int
+    keys: bytes
+    lease_ms: int = 0  # 0: the server's default
+
+
+class Release(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    leases: list[int]
+
+
+class Heartbeat(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+
+
+class GetStats(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+
+
+class Goodbye(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+
+
+SingleRequest = Union[
+    Hello, Register, Lookup, Reserve, Commit, Abort, Acquire, Release, Heartbeat, GetStats, Goodbye
+]
+
+
+class Batch(msgspec.Struct, tag=True, array_like=True):
+    """Several requests in one round trip; answered by one BatchReply in the same order."""
+
+    req_id: int
+    ops: list[SingleRequest]
+
+
+Request = Union[SingleRequest, Batch]
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+class HelloReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    protocol_version: int
+    boot_id: str
+    server_version: str
+    shm_name: str
+    arena_bytes: int
+    chunk_tokens: int
+    heartbeat_ms: int
+    session_timeout_ms: int
+
+
+class RegisterReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    namespace: int
+    namespace_digest: bytes  # the first link of every key chain in this namespace
+    slot_bytes: int
+    chunk_tokens: int
+
+
+class LookupReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    hit_chunks: int
+    lease: int = 0
+
+
+class ReserveReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    reservation: int  # 0 when nothing was reserved
+    status: list[int]  # SlotStatus per key
+    offsets: list[int]  # arena byte offset per key; -1 where there is nothing to write
+
+
+class CommitReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    committed: int
+
+
+class AcquireReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    lease: int
+    offsets: list[int]  # one per leading chunk this rank has; may be shorter than the keys
+
+
+class OkReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+
+
+class StatsReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    stats: "ServerStats"
+
+
+class ErrorReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    code: int
+    message: str
+
+
+class BatchReply(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    replies: list[
+        Union[
+            HelloReply,
+            RegisterReply,
+            LookupReply,
+            ReserveReply,
+            CommitReply,
+            AcquireReply,
+            OkReply,
+            "StatsReply",
+            ErrorReply,
+        ]
+    ]
+
+
+class ServerStats(msgspec.Struct):
+    """A consistent snapshot of what the server holds and did, for clients, /stats and status."""
+
+    version: str
+    boot_id: str
+    uptime_s: float
+    ready: bool
+    arena_bytes: int
+    used_bytes: int
+    free_bytes: int
+    chunk_tokens: int
+    chunks: int
+    namespaces: int
+    engines_connected: int
+    leases_held: int
+    reservations_open: int
+    lookups: int
+    hit_chunks: int
+    miss_chunks: int
+    hit_tokens: int
+    miss_tokens: int
+    stored_chunks: int
+    stored_tokens: int
+    stored_bytes: int
+    retrieved_chunks: int
+    retrieved_tokens: int
+    retrieved_bytes: int
+    evicted_chunks: int
+    expired_leases: int
+    expired_reservations: int
+    errors: dict[str, int]
+
+
+Reply = Union[
+    HelloReply,
+    RegisterReply,
+    LookupReply,
+    ReserveReply,
+    CommitReply,
+    AcquireReply,
+    OkReply,
+    StatsReply,
+    ErrorReply,
+    BatchReply,
+]
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_request(frame: bytes) -> Request:
+    """Raises msgspec.DecodeError / ValidationError on anything that is not a valid request."""
+    return _request_decoder.decode(frame)
+
+
+def decode_reply(frame: bytes) -> Reply:
+    return _reply_decoder.decode(frame)
+
+
+def split_keys(blob: bytes) -> list[bytes]:
+    if len(blob) % KEY_BYTES:
+        raise ValueError(f"key blob of {len(blob)} bytes is not a multiple of {KEY_BYTES}")
+    return [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
