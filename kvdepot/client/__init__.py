@@ -1,0 +1,27 @@
+"""The engine-side client of the kvdepot cache server."""
+
+from kvdepot.client.arena import ArenaMapping
+from kvdepot.client.engine_client import (
+    Acquired,
+    KVDepotClient,
+    KVDepotError,
+    LookupResult,
+    Namespace,
+    PendingReply,
+    Reservation,
+    ServerRestarted,
+    ServerUnavailable,
+)
+
+__all__ = [
+    "Acquired",
+    "ArenaMapping",
+    "KVDepotClient",
+    "KVDepotError",
+    "LookupResult",
+    "Namespace",
+    "PendingReply",
+    "Reservation",
+    "ServerRestarted",
+    "ServerUnavailable",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from kvdepot.cli import main
+
+sys.exit(main())

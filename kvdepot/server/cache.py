@@ -1,0 +1,487 @@
+"""CacheCore: the cache's state machine, with no sockets, no threads and no clock of its own.
+
+Every public method takes the current time, validates everything before changing anything,
+and raises CacheError (with a protocol ErrorCode) for bad requests, so the RPC layer only
+translates. One owner (the RPC thread) calls it; see allocator.py for why that is the design.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvdepot.keys import namespace_digest
+from kvdepot.protocol import ErrorCode, KVGeometry, SlotStatus, split_keys
+from kvdepot.server.allocator import SlabAllocator
+from kvdepot.server.eviction import EvictionPolicy, LRUPolicy
+from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo
+from kvdepot.server.leases import ExpiringTable, Lease, Reservation
+
+log = logging.getLogger("kvdepot.server")
+
+MAX_LEASES_PER_SESSION = 65536
+MAX_RESERVATIONS_PER_SESSION = 65536
+MAX_NAMESPACES = 4096
+
+
+class CacheError(Exception):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class CacheObserver:
+    """Hooks for metrics and logs; the default does nothing."""
+
+    def on_store(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None: ...
+
+    def on_retrieve(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None: ...
+
+    def on_lookup(self, hit_chunks: int, miss_chunks: int, chunk_tokens: int) -> None: ...
+
+    def on_evict(self, chunks: int) -> None: ...
+
+
+@dataclass
+class CacheCounters:
+    lookups: int = 0
+    hit_chunks: int = 0
+    miss_chunks: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    stored_chunks: int = 0
+    stored_tokens: int = 0
+    stored_bytes: int = 0
+    retrieved_chunks: int = 0
+    retrieved_tokens: int = 0
+    retrieved_bytes: int = 0
+    evicted_chunks: int = 0
+    expired_leases: int = 0
+    expired_reservations: int = 0
+
+
+class CacheCore:
+    def __init__(
+        self,
+        allocator: SlabAllocator,
+        chunk_tokens: int,
+        *,
+        lease_ttl_s: float = 30.0,
+        reservation_ttl_s: float = 30.0,
+        max_ttl_s: float = 600.0,
+        policy_factory: Callable[[], EvictionPolicy] = LRUPolicy,
+        observer: CacheObserver | None = None,
+    ):
+        self.allocator = allocator
+        self.chunk_tokens = chunk_tokens
+        self.lease_ttl_s = lease_ttl_s
+        self.reservation_ttl_s = reservation_ttl_s
+        self.max_ttl_s = max_ttl_s
+        self.index = ChunkIndex()
+        self.leases: ExpiringTable[Lease] = ExpiringTable()
+        self.reservations: ExpiringTable[Reservation] = ExpiringTable()
+        self._policy_factory = policy_factory
+        self._evictable: dict[int, EvictionPolicy] = {}  # size class -> evictable keys
+        self.counters = CacheCounters()
+        self.observer = observer or CacheObserver()
+
+    # --- namespaces -------------------------------------------------------------------------
+
+    def register(
+        self, model: str, geometry: KVGeometry, world_size: int, salt: str
+    ) -> NamespaceInfo:
+        _validate_geometry(geometry, self.chunk_tokens)
+        if not model or len(model) > 512:
+            raise CacheError(ErrorCode.BAD_REQUEST, "model name must be 1..512 characters")
+        if not 1 <= world_size <= 1024:
+            raise CacheError(ErrorCode.BAD_REQUEST, f"world_size {world_size} is out of range")
+        if len(salt) > 1024:
+            raise CacheError(ErrorCode.BAD_REQUEST, "salt longer than 1024 characters")
+        slot_bytes = geometry.slot_bytes(self.chunk_tokens)
+        if not self.allocator.fits(slot_bytes):
+            raise CacheError(
+                ErrorCode.GEOMETRY_MISMATCH,
+                f"a chunk of this geometry needs {slot_bytes} bytes per rank, more than the "
+                f"whole buffer ({self.allocator.capacity} bytes)",
+            )
+        digest = namespace_digest(model, geometry, world_size, salt)
+        existing = self.index.namespace_for_digest(digest)
+        if existing is not None:
+            return existing
+        if len(self.index.namespaces) >= MAX_NAMESPACES:
+            raise CacheError(ErrorCode.TOO_LARGE, "too many namespaces registered")
+        info = NamespaceInfo(
+            id=len(self.index.namespaces) + 1,
+            digest=digest,
+            model=model,
+            geometry=geometry,
+            world_size=world_size,
+            salt_set=bool(salt),
+            slot_bytes=slot_bytes,
+            chunk_tokens=self.chunk_tokens,
+        )
+        self.index.add_namespace(info)
+        return info
+
+    def _namespace(self, ns_id: int) -> NamespaceInfo:
+        info = self.index.namespaces.get(ns_id)
+        if info is None:
+            raise CacheError(ErrorCode.UNKNOWN_NAMESPACE, f"namespace {ns_id} is not registered")
+        return info
+
+    def _keys(self, blob: bytes) -> list[bytes]:
+        try:
+            return split_keys(blob)
+        except ValueError as exc:
+            raise CacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
+
+    def _entry_in(self, key: bytes, ns: NamespaceInfo) -> ChunkEntry | None:
+        entry = self.index.get(key)
+        if entry is not None and entry.namespace != ns.id:
+            return None  # a key of another namespace is invisible (and never collides by design)
+        return entry
+
+    def _check_rank(self, ns: NamespaceInfo, rank: int) -> None:
+        if not 0 <= rank < ns.world_size:
+            raise CacheError(
+                ErrorCode.BAD_REQUEST, f"rank {rank} is outside world size {ns.world_size}"
+            )
+
+    def _ttl(self, requested_ms: int, default_s: float) -> float:
+        if requested_ms < 0:
+            raise CacheError(ErrorCode.BAD_REQUEST, "a TTL cannot be negative")
+        return min(requested_ms / 1000.0, self.max_ttl_s) if requested_ms else default_s
+
+    # --- eviction bookkeeping ---------------------------------------------------------------
+
+    def _policy(self, slot_bytes: int) -> EvictionPolicy:
+        size = self.allocator.size_class(slot_bytes)
+        policy = self._evictable.get(size)
+        if policy is None:
+            policy = self._evictable[size] = self._policy_factory()
+        return policy
+
+    def _refresh(self, entry: ChunkEntry) -> None:
+        """Put the entry in (as most recent) or out of its eviction policy, by its state."""
+        policy = self._policy(entry.slot_bytes)
+        if entry.evictable:
+            policy.insert(entry.key)
+        else:
+            policy.remove(entry.key)
+
+    def _refresh_prefix(self, entries: list[ChunkEntry]) -> None:
+        # Last chunk first: the head of a prefix ends up most recent, the tail goes first.
+        for entry in reversed(entries):
+            self._refresh(entry)
+
+    def _evict(self, entry: ChunkEntry) -> None:
+        self._policy(entry.slot_bytes).remove(entry.key)
+        self.index.remove(entry.key)
+        for offset in entry.committed:
+            if offset is not None:
+                self.allocator.free(offset)
+        self.counters.evicted_chunks += 1
+        self.observer.on_evict(1)
+
+    def _allocate(self, slot_bytes: int) -> int | None:
+        """A slot, evicting least recently used chunks (same size first) if the arena is full."""
+        offset = self.allocator.allocate(slot_bytes)
+        if offset is not None:
+            return offset
+        own = self._policy(slot_bytes)
+        while offset is None and len(own):
+            self._evict(self.index.entries[own.victim()])  # type: ignore[index]
+            offset = self.allocator.allocate(slot_bytes)
+        # Other sizes free memory only when one of their slabs empties completely: take from
+        # the size class with the most evictable chunks until a slab (or span) comes free.
+        while offset is None:
+            others = [p for p in self._evictable.values() if p is not own and len(p)]
+            if not others:
+                return None
+            policy = max(others, key=len)
+            self._evict(self.index.entries[policy.victim()])  # type: ignore[index]
+            offset = self.allocator.allocate(slot_bytes)
+        return offset
+
+    # --- operations -------------------------------------------------------------------------
+
+    def lookup(self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float) -> tuple[int, int]:
+        ns = self._namespace(ns_id)
+        keys = self._keys(blob)
+        ttl = self._ttl(lease_ms, self.lease_ttl_s) if lease_ms else 0.0
+        hits: list[ChunkEntry] = []
+        for key in keys:
+            entry = self._entry_in(key, ns)
+            if entry is None or not entry.complete:
+                break
+            hits.append(entry)
+        lease_id = 0
+        if lease_ms and hits:
+            lease_id = self._new_lease(session, hits, now, ttl, rank=None, nbytes=0)
+        else:
+            self._refresh_prefix(hits)
+        n_hit, n_miss = len(hits), len(keys) - len(hits)
+        c = self.counters
+        c.lookups += 1
+        c.hit_chunks += n_hit
+        c.miss_chunks += n_miss
+        c.hit_tokens += n_hit * self.chunk_tokens
+        c.miss_tokens += n_miss * self.chunk_tokens
+        self.observer.on_lookup(n_hit, n_miss, self.chunk_tokens)
+        return n_hit, lease_id
+
+    def _new_lease(
+        self, session: bytes, entries: list[ChunkEntry], now: float, ttl: float,
+        rank: int | None, nbytes: int,
+    ) -> int:
+        if self.leases.count_of_session(session) >= MAX_LEASES_PER_SESSION:
+            raise CacheError(ErrorCode.TOO_LARGE, "too many leases held by this engine")
+        lease = Lease(
+            id=self.leases.new_id(),
+            session=session,
+            keys=[e.key for e in entries],
+            expires_at=now + ttl,
+            started_at=now,
+            rank=rank,
+            nbytes=nbytes,
+        )
+        for entry in entries:
+            entry.leases += 1
+            self._refresh(entry)
+        self.leases.add(lease)
+        return lease.id
+
+    def reserve(
+        self, session: bytes, ns_id: int, rank: int, blob: bytes, ttl_ms: int, now: float
+    ) -> tuple[int, list[int], list[int]]:
+        ns = self._namespace(ns_id)
+        self._check_rank(ns, rank)
+        keys = self._keys(blob)
+        ttl = self._ttl(ttl_ms, self.reservation_ttl_s)
+        if self.reservations.count_of_session(session) >= MAX_RESERVATIONS_PER_SESSION:
+            raise CacheError(ErrorCode.TOO_LARGE, "too many open reservations for this engine")
+        status: list[int] = []
+        offsets: list[int] = []
+        items: list[tuple[bytes, int]] = []
+        pinned: list[ChunkEntry] = []  # earlier chunks of this prefix must survive our evictions
+        full = False
+        for key in keys:
+            entry = self._entry_in(key, ns)
+            if entry is None and key in self.index.entries:
+                raise CacheError(ErrorCode.BAD_REQUEST, "key belongs to another namespace")
+            if full:
+                status.append(SlotStatus.NO_SPACE)
+                offsets.append(-1)
+                continue
+            if entry is not None and entry.committed[rank] is not None:
+                status.append(SlotStatus.PRESENT)
+                offsets.append(-1)
+            elif entry is not None and entry.pending[rank] is not None:
+                status.append(SlotStatus.BUSY)
+                offsets.append(-1)
+            else:
+                if entry is not None:
+                    entry.pins += 1  # do not evict the chunk we are adding a rank to
+                    self._refresh(entry)
+                offset = self._allocate(ns.slot_bytes)
+                if entry is not None:
+                    entry.pins -= 1
+                if offset is None:
+                    full = True
+                    if entry is not None:
+                        self._refresh(entry)
+                    status.append(SlotStatus.NO_SPACE)
+                    offsets.append(-1)
+                    continue
+                if entry is None:
+                    entry = self.index.create(key, ns)
+                entry.pending[rank] = offset
+                entry.pending_ranks += 1
+                self._refresh(entry)
+                items.append((key, offset))
+                status.append(SlotStatus.RESERVED)
+                offsets.append(offset)
+            entry.pins += 1
+            pinned.append(entry)
+            self._refresh(entry)
+        for entry in pinned:
+            entry.pins -= 1
+        self._refresh_prefix(pinned)
+        if not items:
+            return 0, status, offsets
+        reservation = Reservation(
+            id=self.reservations.new_id(),
+            session=session,
+            namespace=ns.id,
+            rank=rank,
+            items=items,
+            expires_at=now + ttl,
+            started_at=now,
+        )
+        self.reservations.add(reservation)
+        return reservation.id, status, offsets
+
+    def _owned_reservation(self, session: bytes, reservation_id: int) -> Reservation:
+        reservation = self.reservations.items.get(reservation_id)
+        if reservation is None or reservation.session != session:
+            raise CacheError(
+                ErrorCode.UNKNOWN_RESERVATION,
+                f"reservation {reservation_id} is unknown, expired or not this engine's",
+            )
+        return reservation
+
+    def commit(self, session: bytes, reservation_id: int, now: float) -> int:
+        reservation = self._owned_reservation(session, reservation_id)
+        self.reservations.pop(reservation_id)
+        rank = reservation.rank
+        committed: list[ChunkEntry] = []
+        for key, offset in reservation.items:
+            entry = self.index.entries[key]
+            entry.pending[rank] = None
+            entry.pending_ranks -= 1
+            entry.committed[rank] = offset
+            entry.committed_ranks += 1
+            committed.append(entry)
+        self._refresh_prefix(committed)
+        n = len(committed)
+        ns = self.index.namespaces[reservation.namespace]
+        nbytes = n * ns.slot_bytes
+        c = self.counters
+        c.stored_chunks += n
+        c.stored_tokens += n * self.chunk_tokens
+        c.stored_bytes += nbytes
+        self.observer.on_store(now - reservation.started_at, n, n * self.chunk_tokens, nbytes)
+        return n
+
+    def abort(self, session: bytes, reservation_id: int) -> None:
+        self._drop_reservation(self._owned_reservation(session, reservation_id))
+
+    def _drop_reservation(self, reservation: Reservation) -> None:
+        self.reservations.pop(reservation.id)
+        rank = reservation.rank
+        for key, offset in reservation.items:
+            entry = self.index.entries[key]
+            entry.pending[rank] = None
+            entry.pending_ranks -= 1
+            self.allocator.free(offset)
+            if entry.committed_ranks == 0 and entry.pending_ranks == 0:
+                self._policy(entry.slot_bytes).remove(key)
+                self.index.remove(key)
+            else:
+                self._refresh(entry)
+
+    def acquire(
+        self, session: bytes, ns_id: int, rank: int, blob: bytes, lease_ms: int, now: float
+    ) -> tuple[int, list[int]]:
+        ns = self._namespace(ns_id)
+        self._check_rank(ns, rank)
+        keys = self._keys(blob)
+        ttl = self._ttl(lease_ms, self.lease_ttl_s)
+        entries: list[ChunkEntry] = []
+        offsets: list[int] = []
+        for key in keys:
+            entry = self._entry_in(key, ns)
+            offset = None if entry is None else entry.committed[rank]
+            if offset is None:
+                break
+            entries.append(entry)  # type: ignore[arg-type]
+            offsets.append(offset)
+        if not entries:
+            return 0, []
+        lease_id = self._new_lease(
+            session, entries, now, ttl, rank=rank, nbytes=len(entries) * ns.slot_bytes
+        )
+        return lease_id, offsets
+
+    def release(self, session: bytes, lease_ids: list[int], now: float) -> None:
+        leases = []
+        for lease_id in lease_ids:
+            lease = self.leases.items.get(lease_id)
+            if lease is None or lease.session != session:
+                raise CacheError(
+                    ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown, expired or not yours"
+                )
+            leases.append(lease)
+        for lease in leases:
+            self._end_lease(lease, now, retrieved=True)
+
+    def _end_lease(self, lease: Lease, now: float, retrieved: bool) -> None:
+        self.leases.pop(lease.id)
+        entries = [self.index.entries[k] for k in lease.keys]
+        for entry in entries:
+            entry.leases -= 1
+        self._refresh_prefix(entries)
+        if retrieved and lease.rank is not None:
+            n = len(entries)
+            c = self.counters
+            c.retrieved_chunks += n
+            c.retrieved_tokens += n * self.chunk_tokens
+            c.retrieved_bytes += lease.nbytes
+            self.observer.on_retrieve(
+                now - lease.started_at, n, n * self.chunk_tokens, lease.nbytes
+            )
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    def expire(self, now: float) -> tuple[int, int]:
+        """End leases and reservations past their deadline; (leases, reservations) ended."""
+        leases = self.leases.pop_expired(now)
+        for lease in leases:
+            self._end_lease(lease, now, retrieved=False)
+        reservations = self.reservations.pop_expired(now)
+        for reservation in reservations:
+            self._drop_reservation(reservation)
+        self.counters.expired_leases += len(leases)
+        self.counters.expired_reservations += len(reservations)
+        return len(leases), len(reservations)
+
+    def drop_session(self, session: bytes, now: float) -> tuple[int, int]:
+        """An engine went away: its leases and reservations end now."""
+        lease_ids = self.leases.ids_of_session(session)
+        for lease_id in lease_ids:
+            self._end_lease(self.leases.items[lease_id], now, retrieved=False)
+        reservation_ids = self.reservations.ids_of_session(session)
+        for reservation_id in reservation_ids:
+            self._drop_reservation(self.reservations.items[reservation_id])
+        return len(lease_ids), len(reservation_ids)
+
+    def clear(self) -> int:
+        """Evict every chunk that nobody holds (operator's request)."""
+        victims = [e for e in self.index.entries.values() if e.evictable]
+        for entry in victims:
+            self._evict(entry)
+        return len(victims)
+
+    def check_invariants(self) -> None:
+        """Expensive consistency check, for tests."""
+        used = 0
+        for entry in self.index.entries.values():
+            assert entry.committed_ranks == sum(o is not None for o in entry.committed)
+            assert entry.pending_ranks == sum(o is not None for o in entry.pending)
+            assert entry.committed_ranks + entry.pending_ranks > 0
+            assert entry.pins == 0
+            used += len(entry.offsets()) * self.allocator.size_class(entry.slot_bytes)
+            in_policy = entry.key in self._policy(entry.slot_bytes)  # type: ignore[operator]
+            assert in_policy == entry.evictable, entry
+        assert used == self.allocator.used_bytes, (used, self.allocator.used_bytes)
+        assert sum(len(lease.keys) for lease in self.leases.items.values()) == sum(
+            e.leases for e in self.index.entries.values()
+        )
+
+
+def _validate_geometry(g: KVGeometry, chunk_tokens: int) -> None:
+    problems = []
+    if not 1 <= g.num_layers <= 4096:
+        problems.append("num_layers")
+    if not 1 <= g.num_kv_heads <= 4096 or g.head_size_k < 1 or g.head_size_v < 0:
+        problems.append("heads")
+    if g.block_size < 1 or chunk_tokens % g.block_size:
+        problems.append(f"block_size {g.block_size} must divide the chunk size {chunk_tokens}")
+    if not 1 <= g.num_planes <= 1 << 16 or not 1 <= g.piece_bytes <= 1 << 34:
+        problems.append("planes/piece_bytes")
+    if not g.dtype or len(g.dtype) > 64 or len(g.layout) > 256:
+        problems.append("dtype/layout")
+    if problems:
+        raise CacheError(ErrorCode.GEOMETRY_MISMATCH, "invalid KV geometry: " + ", ".join(problems))

@@ -1,0 +1,115 @@
+"""Server settings and the command line that sets them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+GB = 1_000_000_000
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "localhost"
+    port: int = 5555
+    chunk_size: int = 256
+    cpu_buffer_size_gb: float = 5.0
+    max_workers: int = 1
+    shm_name: str = "kvdepot"
+    shm_mode: int = 0o600
+    shm_group: str | None = None
+    slab_size_mb: int = 0  # 0: derived from the buffer size
+    lease_ttl_s: float = 30.0
+    reservation_ttl_s: float = 30.0
+    session_timeout_s: float = 10.0
+    heartbeat_s: float = 1.0
+    http_port: int = 8555  # -1: no HTTP endpoint
+    enable_admin_api: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def buffer_bytes(self) -> int:
+        return int(self.cpu_buffer_size_gb * GB)
+
+    @property
+    def slab_bytes(self) -> int:
+        if self.slab_size_mb:
+            return self.slab_size_mb * MIB
+        # Big enough that a large model's chunk (tens of MiB per rank) wastes little of a
+        # slab, small enough that a buffer has many slabs to share between models.
+        target = min(256 * MIB, max(MIB, self.buffer_bytes // 16))
+        return max(MIB, target // MIB * MIB)
+
+
+def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
+    d = ServerConfig()
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Run the kvdepot KV-cache server (one per node)."
+    )
+    ap.add_argument("--host", default=d.host, help="interface for ZMQ and HTTP (default %(default)s)")
+    ap.add_argument("--port", type=int, default=d.port, help="ZMQ port (default %(default)s)")
+    ap.add_argument("--chunk-size", type=int, default=d.chunk_size,
+                    help="tokens per cached chunk (default %(default)s)")
+    ap.add_argument("--cpu-buffer-size", type=float, default=d.cpu_buffer_size_gb,
+                    help="shared-memory buffer in GB (default %(default)s)")
+    ap.add_argument("--max-workers", type=int, default=d.max_workers,
+                    help="threads for blocking background work (default %(default)s)")
+    ap.add_argument("--shm-name", default=d.shm_name,
+                    help="name of the segment in /dev/shm (default %(default)s)")
+    ap.add_argument("--shm-mode", default="0600",
+                    help="octal permissions of the segment: 0600 (owner) or 0660 (group)")
+    ap.add_argument("--shm-group", default=None, help="group that owns the segment (with 0660)")
+    ap.add_argument("--slab-size-mb", type=int, default=0,
+                    help="allocation slab size in MiB (default: from the buffer size)")
+    ap.add_argument("--lease-ttl", type=float, default=d.lease_ttl_s,
+                    help="seconds a read lease lives unless released (default %(default)s)")
+    ap.add_argument("--reservation-ttl", type=float, default=d.reservation_ttl_s,
+                    help="seconds a store may take from reserve to commit (default %(default)s)")
+    ap.add_argument("--session-timeout", type=float, default=d.session_timeout_s,
+                    help="seconds of engine silence before its leases are dropped (default %(default)s)")
+    ap.add_argument("--http-port", type=int, default=d.http_port,
+                    help="port of /healthz /readyz /metrics /stats; -1 disables (default %(default)s)")
+    ap.add_argument("--enable-admin-api", action="store_true",
+                    help="allow POST /admin/clear on the HTTP endpoint")
+    ap.add_argument("--log-level", default=os.environ.get("KVDEPOT_LOG_LEVEL", d.log_level),
+                    help="DEBUG, INFO, WARNING or ERROR (env KVDEPOT_LOG_LEVEL; default INFO)")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> ServerConfig:
+    ap = build_parser(prog)
+    a = ap.parse_args(argv)
+    if a.chunk_size < 1 or a.chunk_size > 1 << 20:
+        ap.error("--chunk-size must be between 1 and 1048576 tokens")
+    if a.cpu_buffer_size <= 0:
+        ap.error("--cpu-buffer-size must be positive")
+    if a.max_workers < 1:
+        ap.error("--max-workers must be at least 1")
+    try:
+        mode = int(a.shm_mode, 8)
+    except ValueError:
+        ap.error(f"--shm-mode {a.shm_mode!r} is not an octal mode")
+    if mode & ~0o660 or not mode & 0o600 == 0o600:
+        ap.error("--shm-mode must be 0600 or 0660 (never world-readable)")
+    for name in ("lease_ttl", "reservation_ttl", "session_timeout"):
+        if getattr(a, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    return ServerConfig(
+        host=a.host,
+        port=a.port,
+        chunk_size=a.chunk_size,
+        cpu_buffer_size_gb=a.cpu_buffer_size,
+        max_workers=a.max_workers,
+        shm_name=a.shm_name,
+        shm_mode=mode,
+        shm_group=a.shm_group,
+        slab_size_mb=a.slab_size_mb,
+        lease_ttl_s=a.lease_ttl,
+        reservation_ttl_s=a.reservation_ttl,
+        session_timeout_s=a.session_timeout,
+        http_port=a.http_port,
+        enable_admin_api=a.enable_admin_api,
+        log_level=a.log_level.upper(),
+    )

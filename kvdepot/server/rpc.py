@@ -1,0 +1,424 @@
+"""The RPC loop: a ZMQ ROUTER socket in front of CacheCore.
+
+One thread runs this loop and owns the core, the allocator and the sessions; nothing else
+touches them. Every frame gets exactly one reply: the typed reply or an ErrorReply. A bad
+frame costs its sender an error reply and one log line per minute, never the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from kvdepot import __version__
+from kvdepot import protocol as p
+from kvdepot.server.cache import CacheCore, CacheError
+from kvdepot.server.arena import SharedArena
+
+log = logging.getLogger("kvdepot.server")
+
+_MAINTENANCE_S = 0.1
+_COMPLAINT_WINDOW_S = 60.0
+
+
+@dataclass(slots=True)
+class Session:
+    identity: bytes
+    engine_id: str
+    pid: int
+    fd: int
+    last_seen: float
+
+
+class _Complaints:
+    """One log line per offending client per minute, with the count of what it held back."""
+
+    def __init__(self) -> None:
+        self._windows: dict[bytes, tuple[float, int]] = {}
+
+    def report(self, identity: bytes, now: float, what: str) -> None:
+        started, suppressed = self._windows.get(identity, (0.0, 0))
+        if now - started >= _COMPLAINT_WINDOW_S:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            log.warning("Bad request from client %s: %s%s", identity.hex(), what, more)
+            self._windows[identity] = (now, 0)
+            if len(self._windows) > 10000:  # bounded even under a flood of new identities
+                self._windows.clear()
+        else:
+            self._windows[identity] = (started, suppressed + 1)
+
+
+class CacheServer:
+    def __init__(
+        self,
+        core: CacheCore,
+        arena: SharedArena,
+        *,
+        host: str = "localhost",
+        port: int = 5555,
+        heartbeat_s: float = 1.0,
+        session_timeout_s: float = 10.0,
+        metrics=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.core = core
+        self.arena = arena
+        self.boot_id = uuid.uuid4().hex
+        self.heartbeat_s = heartbeat_s
+        self.session_timeout_s = session_timeout_s
+        self.metrics = metrics
+        self.clock = clock
+        self.started_at = clock()
+        self.sessions: dict[bytes, Session] = {}
+        self._complaints = _Complaints()
+        self._errors: dict[str, int] = {}
+        self._stopping = False
+        self._admin: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
+        self._snapshot: p.ServerStats | None = None
+        self._snapshot_at = 0.0
+
+        self._ctx = zmq.Context()
+        self._socket = self._ctx.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 100000)
+        self._socket.setsockopt(zmq.RCVHWM, 100000)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES * 4)
+        host_addr = "127.0.0.1" if host == "localhost" else host
+        if host_addr == "0.0.0.0":
+            host_addr = "*"
+        if port == 0:
+            port = self._socket.bind_to_random_port(f"tcp://{host_addr}")
+        else:
+            self._socket.bind(f"tcp://{host_addr}:{port}")
+        self.port = port
+        self.endpoint = f"tcp://{host}:{port}"
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._handlers: dict[type, Callable] = {
+            p.Hello: self._hello,
+            p.Register: self._register,
+            p.Lookup: self._lookup,
+            p.Reserve: self._reserve,
+            p.Commit: self._commit,
+            p.Abort: self._abort,
+            p.Acquire: self._acquire,
+            p.Release: self._release,
+            p.Heartbeat: self._heartbeat,
+            p.GetStats: self._get_stats,
+            p.Goodbye: self._goodbye,
+        }
+
+    # --- loop -------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        next_maintenance = self.clock() + _MAINTENANCE_S
+        try:
+            while not self._stopping:
+                timeout_ms = max(0.0, (next_maintenance - self.clock()) * 1000)
+                events = dict(poller.poll(timeout_ms))
+                if self._socket in events:
+                    # Drain what is queued, but come up for air so maintenance still runs.
+                    for _ in range(1000):
+                        try:
+                            frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                if self._monitor in events:
+                    self._on_monitor()
+                now = self.clock()
+                if now >= next_maintenance:
+                    self._maintain(now)
+                    next_maintenance = now + _MAINTENANCE_S
+        finally:
+            self._close_sockets()
+
+    def stop(self) -> None:
+        """Ask the loop to exit (safe from signal handlers and other threads)."""
+        self._stopping = True
+
+    def _close_sockets(self) -> None:
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+        self._ctx.term()
+
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                fd = event["value"]
+                for session in [s for s in self.sessions.values() if s.fd == fd]:
+                    self._end_session(session, "disconnected")
+
+    def _maintain(self, now: float) -> None:
+        leases, reservations = self.core.expire(now)
+        if leases or reservations:
+            log.info("Expired %d leases and %d reservations", leases, reservations)
+        deadline = now - self.session_timeout_s
+        for session in [s for s in self.sessions.values() if s.last_seen < deadline]:
+            self._end_session(session, f"sent nothing for {self.session_timeout_s:.0f} s")
+        while not self._admin.empty():
+            job, future = self._admin.get_nowait()
+            try:
+                future.set_result(job())
+            except Exception as exc:  # noqa: BLE001 - handed back to the asking thread
+                future.set_exception(exc)
+        self._publish_snapshot(now)
+
+    def _end_session(self, session: Session, why: str) -> None:
+        self.sessions.pop(session.identity, None)
+        leases, reservations = self.core.drop_session(session.identity, self.clock())
+        log.info(
+            "Engine %s %s: dropped %d leases and %d reservations",
+            session.engine_id, why, leases, reservations,
+        )
+
+    # --- frames -----------------------------------------------------------------------------
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        now = self.clock()
+        if len(frames) != 2:
+            self._reply_error(identity, 0, p.ErrorCode.BAD_FRAME, "expected exactly one frame", now)
+            return
+        frame = frames[1]
+        if len(frame) > p.MAX_FRAME_BYTES:
+            self._reply_error(
+                identity, 0, p.ErrorCode.TOO_LARGE,
+                f"frame of {len(frame)} bytes is over {p.MAX_FRAME_BYTES}", now,
+            )
+            return
+        try:
+            request = p.decode_request(frame.buffer)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._reply_error(identity, 0, p.ErrorCode.BAD_FRAME, f"undecodable request: {exc}", now)
+            return
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = now
+        elif not isinstance(request, p.Hello):
+            self._reply_error(
+                identity, request.req_id, p.ErrorCode.NO_SESSION,
+                "no session: send Hello first (the server may have restarted)", now,
+            )
+            return
+        if isinstance(request, p.Hello):
+            fd = frame.get(zmq.SRCFD)
+            reply = self._dispatch(identity, request, now, fd=fd)
+        elif isinstance(request, p.Batch):
+            reply = self._batch(identity, request, now)
+        else:
+            reply = self._dispatch(identity, request, now)
+        self._send(identity, reply)
+        if self.metrics is not None:
+            self.metrics.observe_request(type(request).__name__, self.clock() - now)
+
+    def _batch(self, identity: bytes, batch: p.Batch, now: float) -> p.Reply:
+        if len(batch.ops) > p.MAX_BATCH_OPS:
+            return self._error(identity, batch.req_id, p.ErrorCode.TOO_LARGE,
+                               f"batch of {len(batch.ops)} ops is over {p.MAX_BATCH_OPS}", now)
+        replies = [self._dispatch(identity, op, now) for op in batch.ops]
+        return p.BatchReply(req_id=batch.req_id, replies=replies)
+
+    def _dispatch(self, identity: bytes, request, now: float, fd: int = -1) -> p.Reply:
+        handler = self._handlers[type(request)]
+        try:
+            if isinstance(request, p.Hello):
+                return handler(identity, request, now, fd)
+            if identity not in self.sessions:  # e.g. a Goodbye earlier in the same batch
+                raise CacheError(p.ErrorCode.NO_SESSION, "no session: send Hello first")
+            if getattr(request, "keys", None) is not None and (
+                len(request.keys) > p.MAX_KEYS_PER_REQUEST * p.KEY_BYTES
+            ):
+                raise CacheError(p.ErrorCode.TOO_LARGE, "too many keys in one request")
+            return handler(identity, request, now)
+        except CacheError as exc:
+            return self._error(identity, request.req_id, exc.code, exc.message, now)
+        except Exception:  # noqa: BLE001 - a bug must cost one request, never the server
+            self._complaints.report(identity, now, "internal error:\n" + traceback.format_exc())
+            return self._error(identity, request.req_id, p.ErrorCode.INTERNAL,
+                               "internal server error (logged)", now)
+
+    def _error(self, identity: bytes, req_id: int, code: p.ErrorCode, message: str, now: float) -> p.ErrorReply:
+        name = code.name
+        self._errors[name] = self._errors.get(name, 0) + 1
+        if self.metrics is not None:
+            self.metrics.count_error(name)
+        if code in (p.ErrorCode.BAD_FRAME, p.ErrorCode.BAD_VERSION, p.ErrorCode.BAD_REQUEST,
+                    p.ErrorCode.TOO_LARGE, p.ErrorCode.GEOMETRY_MISMATCH):
+            self._complaints.report(identity, now, f"{name}: {message}")
+        return p.ErrorReply(req_id=req_id, code=int(code), message=message)
+
+    def _reply_error(self, identity: bytes, req_id: int, code: p.ErrorCode, message: str, now: float) -> None:
+        self._send(identity, self._error(identity, req_id, code, message, now))
+
+    def _send(self, identity: bytes, reply: msgspec.Struct) -> None:
+        try:
+            self._socket.send_multipart([identity, p.encode(reply)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("Dropped a reply: the send queue of %s is full", identity.hex())
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _hello(self, identity: bytes, req: p.Hello, now: float, fd: int) -> p.Reply:
+        if req.protocol_version != p.PROTOCOL_VERSION:
+            raise CacheError(
+                p.ErrorCode.BAD_VERSION,
+                f"protocol version {req.protocol_version} is not supported; "
+                f"this server speaks {p.PROTOCOL_VERSION} (kvdepot {__version__})",
+            )
+        engine_id = req.engine_id[:200] or identity.hex()
+        old = self.sessions.get(identity)
+        if old is not None and old.engine_id != engine_id:
+            self._end_session(old, "re-introduced itself")
+        if old is None:
+            log.info("Engine %s connected (pid %d)", engine_id, req.pid)
+        self.sessions[identity] = Session(identity, engine_id, req.pid, fd, now)
+        return p.HelloReply(
+            req_id=req.req_id,
+            protocol_version=p.PROTOCOL_VERSION,
+            boot_id=self.boot_id,
+            server_version=__version__,
+            shm_name=self.arena.name,
+            arena_bytes=self.arena.size,
+            chunk_tokens=self.core.chunk_tokens,
+            heartbeat_ms=int(self.heartbeat_s * 1000),
+            session_timeout_ms=int(self.session_timeout_s * 1000),
+        )
+
+    def _register(self, identity: bytes, req: p.Register, now: float) -> p.Reply:
+        known = len(self.core.index.namespaces)
+        info = self.core.register(req.model, req.geometry, req.world_size, req.salt)
+        session = self.sessions[identity]
+        log.info(
+            "Registered KV cache for engine %s (%d layers, %s) model %s, TP %d%s: "
+            "namespace %d, %d bytes per chunk per rank%s",
+            session.engine_id, req.geometry.num_layers, req.geometry.describe(), req.model,
+            req.world_size, ", salted" if req.salt else "", info.id, info.slot_bytes,
+            "" if len(self.core.index.namespaces) > known else " (existing)",
+        )
+        return p.RegisterReply(
+            req_id=req.req_id,
+            namespace=info.id,
+            namespace_digest=info.digest,
+            slot_bytes=info.slot_bytes,
+            chunk_tokens=info.chunk_tokens,
+        )
+
+    def _lookup(self, identity: bytes, req: p.Lookup, now: float) -> p.Reply:
+        hits, lease = self.core.lookup(identity, req.namespace, req.keys, req.lease_ms, now)
+        if self.metrics is not None:
+            n = len(req.keys) // p.KEY_BYTES
+            self.metrics.observe_lookup(self.clock() - now, hits, n - hits, self.core.chunk_tokens)
+        return p.LookupReply(req_id=req.req_id, hit_chunks=hits, lease=lease)
+
+    def _reserve(self, identity: bytes, req: p.Reserve, now: float) -> p.Reply:
+        rid, status, offsets = self.core.reserve(
+            identity, req.namespace, req.rank, req.keys, req.ttl_ms, now
+        )
+        return p.ReserveReply(req_id=req.req_id, reservation=rid, status=status, offsets=offsets)
+
+    def _commit(self, identity: bytes, req: p.Commit, now: float) -> p.Reply:
+        n = self.core.commit(identity, req.reservation, now)
+        return p.CommitReply(req_id=req.req_id, committed=n)
+
+    def _abort(self, identity: bytes, req: p.Abort, now: float) -> p.Reply:
+        self.core.abort(identity, req.reservation)
+        return p.OkReply(req_id=req.req_id)
+
+    def _acquire(self, identity: bytes, req: p.Acquire, now: float) -> p.Reply:
+        lease, offsets = self.core.acquire(
+            identity, req.namespace, req.rank, req.keys, req.lease_ms, now
+        )
+        return p.AcquireReply(req_id=req.req_id, lease=lease, offsets=offsets)
+
+    def _release(self, identity: bytes, req: p.Release, now: float) -> p.Reply:
+        if len(req.leases) > p.MAX_KEYS_PER_REQUEST:
+            raise CacheError(p.ErrorCode.TOO_LARGE, "too many leases in one release")
+        self.core.release(identity, req.leases, now)
+        return p.OkReply(req_id=req.req_id)
+
+    def _heartbeat(self, identity: bytes, req: p.Heartbeat, now: float) -> p.Reply:
+        return p.OkReply(req_id=req.req_id)
+
+    def _get_stats(self, identity: bytes, req: p.GetStats, now: float) -> p.Reply:
+        return p.StatsReply(req_id=req.req_id, stats=self.stats(now))
+
+    def _goodbye(self, identity: bytes, req: p.Goodbye, now: float) -> p.Reply:
+        session = self.sessions.get(identity)
+        if session is not None:
+            self._end_session(session, "said goodbye")
+        return p.OkReply(req_id=req.req_id)
+
+    # --- stats and admin (other threads) ----------------------------------------------------
+
+    def stats(self, now: float | None = None) -> p.ServerStats:
+        now = self.clock() if now is None else now
+        core, alloc, c = self.core, self.core.allocator, self.core.counters
+        return p.ServerStats(
+            version=__version__,
+            boot_id=self.boot_id,
+            uptime_s=now - self.started_at,
+            ready=self.arena.ready,
+            arena_bytes=alloc.capacity,
+            used_bytes=alloc.used_bytes,
+            free_bytes=alloc.free_bytes,
+            chunk_tokens=core.chunk_tokens,
+            chunks=len(core.index),
+            namespaces=len(core.index.namespaces),
+            engines_connected=len(self.sessions),
+            leases_held=len(core.leases),
+            reservations_open=len(core.reservations),
+            lookups=c.lookups,
+            hit_chunks=c.hit_chunks,
+            miss_chunks=c.miss_chunks,
+            hit_tokens=c.hit_tokens,
+            miss_tokens=c.miss_tokens,
+            stored_chunks=c.stored_chunks,
+            stored_tokens=c.stored_tokens,
+            stored_bytes=c.stored_bytes,
+            retrieved_chunks=c.retrieved_chunks,
+            retrieved_tokens=c.retrieved_tokens,
+            retrieved_bytes=c.retrieved_bytes,
+            evicted_chunks=c.evicted_chunks,
+            expired_leases=c.expired_leases,
+            expired_reservations=c.expired_reservations,
+            errors=dict(self._errors),
+        )
+
+    def _publish_snapshot(self, now: float) -> None:
+        self._snapshot = self.stats(now)
+        self._snapshot_at = now
+
+    def snapshot(self) -> p.ServerStats:
+        """The latest stats the RPC thread published (at most ~0.1 s old); any thread."""
+        snap = self._snapshot
+        return snap if snap is not None else self.stats()
+
+    def run_in_loop(self, job: Callable[[], object], timeout: float = 5.0) -> object:
+        """Run job on the RPC thread (the only one allowed to change state); any thread."""
+        future: Future = Future()
+        self._admin.put((job, future))
+        return future.result(timeout)
+
+    def clear_cache(self) -> int:
+        return int(self.run_in_loop(self.core.clear))  # type: ignore[arg-type]
