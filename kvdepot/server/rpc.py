@@ -135,7 +135,10 @@ class CacheServer:
                             frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_frames(frames)
+                        try:
+                            self._on_frames(frames)
+                        except Exception:  # noqa: BLE001 - no frame may stop the server
+                            log.exception("Unexpected error while handling a frame")
                 if self._monitor in events:
                     self._on_monitor()
                 now = self.clock()
@@ -209,7 +212,8 @@ class CacheServer:
             return
         try:
             request = p.decode_request(frame.buffer)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            # ValueError covers what msgspec lets through, e.g. UnicodeDecodeError.
             self._reply_error(identity, 0, p.ErrorCode.BAD_FRAME, f"undecodable request: {exc}", now)
             return
         session = self.sessions.get(identity)

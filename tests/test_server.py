@@ -1,0 +1,356 @@
+"""The real server process, driven by real clients over TCP loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+from conftest import small_geometry
+from server_process import ServerProcess
+
+from kvdepot import protocol as p
+from kvdepot.client import KVDepotClient, ServerRestarted, ServerUnavailable
+from kvdepot.protocol import SlotStatus
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100_000) for _ in range(n)]
+
+
+def store_pattern(client: KVDepotClient, ns, rank: int, keys: list[bytes], seed: int) -> list[bytes]:
+    """Reserve, fill each reserved slot with seeded random bytes, commit; the bytes written."""
+    res = client.reserve(ns, rank, keys)
+    arena = client.arena_array()
+    written = []
+    for i, (status, off) in enumerate(zip(res.status, res.offsets)):
+        assert status == SlotStatus.RESERVED
+        data = np.random.default_rng(seed * 1000 + i).integers(0, 256, ns.slot_bytes, dtype=np.uint8)
+        arena[off : off + ns.slot_bytes] = data
+        written.append(data.tobytes())
+    assert client.commit(res.id) == len(keys)
+    return written
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def test_second_client_reads_exactly_what_the_first_stored(make_client, server):
+    a, b, c = make_client(), make_client(), make_client()
+    geo = small_geometry()
+    ns_a, ns_b = a.register("llama", geo), b.register("llama", geo)
+    assert ns_a.digest == ns_b.digest
+    keys = a.chunk_keys(ns_a, tokens(1, 256 * 5 + 100))
+    assert len(keys) == 5 and keys == b.chunk_keys(ns_b, tokens(1, 256 * 5 + 100))
+    written = store_pattern(a, ns_a, 0, keys, seed=1)
+
+    hit = b.lookup(ns_b, keys, lease_ms=5000)
+    assert hit.hit_chunks == 5 and hit.lease
+    got = b.acquire(ns_b, 0, keys)
+    arena_b = b.arena_array()
+    assert [arena_b[o : o + ns_b.slot_bytes].tobytes() for o in got.offsets] == written
+    b.release([hit.lease, got.lease])
+
+    # Another model, another salt: nothing is visible, not even by key.
+    ns_other = c.register("mistral", geo)
+    ns_salted = c.register("llama", geo, salt="tenant-7")
+    for ns in (ns_other, ns_salted):
+        assert c.lookup(ns, c.chunk_keys(ns, tokens(1, 256 * 5))).hit_chunks == 0
+        assert c.lookup(ns, keys).hit_chunks == 0
+        assert c.acquire(ns, 0, keys).offsets == []
+    assert "Registered KV cache for engine" in server.log()
+    assert "Stored 1280 tokens in" in server.log()
+    assert "Retrieved 1280 tokens in" in server.log()
+
+
+def test_tp2_chunk_hits_only_after_every_rank_commits(make_client):
+    rank0, rank1, scheduler = make_client(), make_client(), make_client()
+    geo = small_geometry()
+    ns0, ns1, nss = (c.register("m", geo, world_size=2) for c in (rank0, rank1, scheduler))
+    keys = scheduler.chunk_keys(nss, tokens(2, 256 * 3))
+    store_pattern(rank0, ns0, 0, keys, seed=2)
+    assert scheduler.lookup(nss, keys).hit_chunks == 0
+    store_pattern(rank1, ns1, 1, keys[:2], seed=3)
+    assert scheduler.lookup(nss, keys).hit_chunks == 2
+    store_pattern(rank1, ns1, 1, keys[2:], seed=4)
+    assert scheduler.lookup(nss, keys).hit_chunks == 3
+    # Each rank reads its own shard.
+    assert rank0.acquire(ns0, 0, keys).offsets != rank1.acquire(ns1, 1, keys).offsets
+
+
+def test_filling_the_arena_three_times_over(make_client, server):
+    writer, holder = make_client(), make_client()
+    geo = small_geometry(layers=16)  # 512 KiB per chunk
+    ns = writer.register("m", geo)
+    ns_h = holder.register("m", geo)
+    capacity = writer.stats().arena_bytes
+    per_prompt = 4
+    prompts = [writer.chunk_keys(ns, tokens(100 + i, 256 * per_prompt)) for i in range(3 * capacity // ns.slot_bytes // per_prompt)]
+
+    held_keys = prompts[0]
+    held_bytes = store_pattern(writer, ns, 0, held_keys, seed=100)
+    held = holder.acquire(ns_h, 0, held_keys, lease_ms=120_000)
+    assert len(held.offsets) == per_prompt
+
+    for i, keys in enumerate(prompts[1:], start=1):
+        res = writer.reserve(ns, 0, keys)
+        assert all(s == SlotStatus.RESERVED for s in res.status), res.status
+        writer.commit(res.id)
+        stats = writer.stats()
+        assert stats.used_bytes <= stats.arena_bytes
+        # The most recently used prefix still hits in full.
+        assert writer.lookup(ns, keys).hit_chunks == per_prompt
+    stats = writer.stats()
+    assert stats.evicted_chunks > capacity // ns.slot_bytes
+    # The leased prefix survived every eviction, byte for byte.
+    assert writer.lookup(ns, held_keys).hit_chunks == per_prompt
+    arena = holder.arena_array()
+    assert [arena[o : o + ns.slot_bytes].tobytes() for o in held.offsets] == held_bytes
+    holder.release([held.lease])
+
+
+CRASHING_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from conftest import small_geometry
+    from kvdepot.client import KVDepotClient
+    c = KVDepotClient("127.0.0.1", {port}, timeout_ms=2000)
+    assert c.connect()
+    ns = c.register("m", small_geometry())
+    keys = c.chunk_keys(ns, list(range(256 * 8)))
+    res = c.reserve(ns, 0, keys[4:])                      # reservations, never committed
+    lease = c.acquire(ns, 0, keys[:4], lease_ms=600_000)  # a lease it never releases
+    assert res.id and lease.lease
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("session_timeout", [None, "2"])
+def test_sigkilled_client_frees_its_memory(tmp_path, session_timeout):
+    extra = ["--lease-ttl", "60", "--reservation-ttl", "60"]
+    if session_timeout:
+        extra += ["--session-timeout", session_timeout]
+    with ServerProcess(log_path=tmp_path / "server.log", extra=extra) as server:
+        other = KVDepotClient("127.0.0.1", server.port, timeout_ms=2000)
+        assert other.connect()
+        ns = other.register("m", small_geometry())
+        keys = other.chunk_keys(ns, list(range(256 * 8)))
+        written = store_pattern(other, ns, 0, keys[:4], seed=5)
+        baseline = other.stats().used_bytes
+
+        script = CRASHING_CLIENT.format(tests=os.path.dirname(__file__), port=server.port)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"holding"
+        stats = other.stats()
+        assert stats.leases_held == 1 and stats.reservations_open == 1
+        assert stats.used_bytes > baseline
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Freed well within the 60 s TTLs: on disconnect (or after the 2 s session timeout).
+        wait_for(lambda: (s := other.stats()).leases_held == 0 and s.reservations_open == 0)
+        assert time.monotonic() - killed_at < 8
+        assert other.stats().used_bytes == baseline
+        got = other.acquire(ns, 0, keys)
+        arena = other.arena_array()
+        assert [arena[o : o + ns.slot_bytes].tobytes() for o in got.offsets] == written
+        other.close()
+
+
+def test_server_restart_is_noticed_and_old_slots_never_used(tmp_path):
+    srv = ServerProcess(log_path=tmp_path / "server.log")
+    srv.start()
+    try:
+        client = KVDepotClient("127.0.0.1", srv.port, timeout_ms=1000)
+        assert client.connect()
+        ns = client.register("m", small_geometry())
+        keys = client.chunk_keys(ns, tokens(9, 256 * 3))
+        store_pattern(client, ns, 0, keys, seed=9)
+        old = client.acquire(ns, 0, keys)
+        old_boot, old_epoch = client.boot_id, client.epoch
+
+        srv.stop()
+        with pytest.raises(ServerUnavailable):
+            client.lookup(ns, keys)  # down: a fast, clean miss
+        srv.start()
+
+        def reconnected():
+            try:
+                client.lookup(ns, keys)
+            except ServerRestarted:
+                return True
+            except ServerUnavailable:
+                return False
+            return client.epoch != old_epoch
+
+        wait_for(reconnected, timeout=15)
+        assert client.boot_id != old_boot and client.epoch == old_epoch + 1
+        # Nothing from the old boot is usable, and the new server has nothing.
+        with pytest.raises(ServerRestarted):
+            client.arena(epoch=old.epoch)
+        assert client.lookup(ns, keys).hit_chunks == 0
+        # The namespace was registered again by itself: storing works at once.
+        store_pattern(client, ns, 0, keys, seed=10)
+        assert client.lookup(ns, keys).hit_chunks == 3
+        client.close()
+    finally:
+        srv.stop()
+
+
+def _valid_frames(ns_id: int, keys: bytes) -> list[bytes]:
+    return [
+        p.encode(p.Hello(req_id=1, protocol_version=p.PROTOCOL_VERSION, engine_id="fuzz")),
+        p.encode(p.Lookup(req_id=2, namespace=ns_id, keys=keys, lease_ms=10)),
+        p.encode(p.Reserve(req_id=3, namespace=ns_id, rank=0, keys=keys)),
+        p.encode(p.Acquire(req_id=4, namespace=ns_id, rank=0, keys=keys)),
+        p.encode(p.Release(req_id=5, leases=[1, 2, 3])),
+        p.encode(p.Commit(req_id=6, reservation=1)),
+        p.encode(p.Batch(req_id=7, ops=[p.Heartbeat(req_id=8), p.Abort(req_id=9, reservation=2)])),
+        p.encode(p.Register(req_id=10, model="m", geometry=small_geometry())),
+    ]
+
+
+def _mutate(rng: random.Random, frame: bytes) -> bytes:
+    data = bytearray(frame)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.4 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif choice < 0.6:
+            data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
+        elif choice < 0.8 and data:
+            del data[rng.randrange(len(data)) :]
+        else:
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    return bytes(data)
+
+
+def test_ten_thousand_malformed_frames_change_nothing(make_client, server):
+    owner = make_client()
+    ns = owner.register("m", small_geometry())
+    keys = owner.chunk_keys(ns, tokens(11, 256 * 4))
+    written = store_pattern(owner, ns, 0, keys, seed=11)
+    digest_before = hashlib.sha256(b"".join(written)).hexdigest()
+
+    rng = random.Random(20261128)
+    valid = _valid_frames(ns.id, b"".join(keys))
+    ctx = zmq.Context()
+    sockets = []
+    for _ in range(4):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://127.0.0.1:{server.port}")
+        sockets.append(s)
+    sent = received = 0
+    kinds = 0
+    for i in range(10_000):
+        s = sockets[i % 4]
+        r = rng.random()
+        if r < 0.15:
+            frame = bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
+            s.send(frame)
+        elif r < 0.2:
+            s.send_multipart([b"x", b"y"][: rng.randint(1, 2)] + [b""])  # wrong frame count
+        elif r < 0.25:
+            s.send(msgspec.msgpack.encode({"type": "Lookup", "anything": [1, 2, 3]}))
+        elif r < 0.3:
+            s.send(msgspec.msgpack.encode(["Reserve", 1, ns.id, rng.randint(-5, 5), b"\0" * 33]))
+        else:
+            s.send(_mutate(rng, rng.choice(valid)))
+        sent += 1
+        kinds += 1
+        if i % 50 == 49:  # keep the queues short; drain what has come back
+            for sock in sockets:
+                while sock.poll(0):
+                    sock.recv_multipart()
+                    received += 1
+    deadline = time.monotonic() + 30
+    while received < sent and time.monotonic() < deadline:
+        for sock in sockets:
+            while sock.poll(20):
+                reply = p.decode_reply(sock.recv())  # every reply is itself well-formed
+                assert reply is not None
+                received += 1
+    assert received == sent  # every frame was answered
+    for s in sockets:
+        s.close()
+    ctx.term()
+
+    assert server.alive
+    assert owner.lookup(ns, keys).hit_chunks == 4
+    got = owner.acquire(ns, 0, keys)
+    arena = owner.arena_array()
+    after = b"".join(arena[o : o + ns.slot_bytes].tobytes() for o in got.offsets)
+    assert hashlib.sha256(after).hexdigest() == digest_before
+    # One complaint line per offending client per minute, not one per frame.
+    assert server.count("Bad request from client") <= 8
+
+
+def test_protocol_version_and_unknown_session_get_clear_errors(server):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{server.port}")
+    s.send(p.encode(p.Lookup(req_id=5, namespace=1, keys=b"")))
+    assert s.poll(5000)
+    reply = p.decode_reply(s.recv())
+    assert isinstance(reply, p.ErrorReply) and reply.code == p.ErrorCode.NO_SESSION and reply.req_id == 5
+    s.send(p.encode(p.Hello(req_id=6, protocol_version=999, engine_id="old")))
+    assert s.poll(5000)
+    reply = p.decode_reply(s.recv())
+    assert isinstance(reply, p.ErrorReply) and reply.code == p.ErrorCode.BAD_VERSION
+    assert "999" in reply.message
+    s.send(b"\x00" * (p.MAX_FRAME_BYTES + 1))
+    assert s.poll(5000)
+    reply = p.decode_reply(s.recv())
+    assert isinstance(reply, p.ErrorReply) and reply.code == p.ErrorCode.TOO_LARGE
+    s.close()
+    ctx.term()
+
+
+def test_geometry_that_does_not_fit_is_refused(make_client):
+    client = make_client()
+    with pytest.raises(Exception) as err:
+        client.register("huge", small_geometry(layers=4000, heads=64, head_dim=128))
+    assert "GEOMETRY_MISMATCH" in str(err.value)
+    with pytest.raises(Exception) as err:
+        client.register("odd", small_geometry(block=100))
+    assert "divide" in str(err.value)
+
+
+def test_sigterm_removes_the_segment(tmp_path):
+    srv = ServerProcess(log_path=tmp_path / "server.log").start()
+    path = f"/dev/shm/{srv.shm_name}"
+    assert os.path.exists(path) and os.stat(path).st_mode & 0o777 == 0o600
+    assert srv.stop() == 0
+    assert not os.path.exists(path)
+    assert "removed" in srv.log()
+
+
+def test_stale_segment_is_replaced(tmp_path):
+    name = f"kvdepot-test-stale-{os.getpid()}"
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.write(b"old")
+    with ServerProcess(log_path=tmp_path / "server.log", shm_name=name) as srv:
+        assert os.path.getsize(f"/dev/shm/{name}") > 3
+        assert "Replaced a stale shared-memory segment" in srv.log()
