@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvdepot.keys import namespace_digest
-from kvdepot.protocol import ErrorCode, KVGeometry, SlotStatus, split_keys
+from kvdepot.protocol import KEY_BYTES, ErrorCode, KVGeometry, SlotStatus, split_keys
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.eviction import EvictionPolicy, LRUPolicy
 from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo
@@ -38,8 +38,6 @@ class CacheObserver:
     def on_store(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None: ...
 
     def on_retrieve(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None: ...
-
-    def on_lookup(self, hit_chunks: int, miss_chunks: int, chunk_tokens: int) -> None: ...
 
     def on_evict(self, chunks: int) -> None: ...
 
@@ -208,28 +206,35 @@ class CacheCore:
     # --- operations -------------------------------------------------------------------------
 
     def lookup(self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float) -> tuple[int, int]:
+        # The hottest path (every scheduled request): no per-key allocations beyond the
+        # 16-byte slice, no helper calls per key.
         ns = self._namespace(ns_id)
-        keys = self._keys(blob)
+        if len(blob) % KEY_BYTES:
+            raise CacheError(ErrorCode.BAD_REQUEST, f"key blob of {len(blob)} bytes is ragged")
         ttl = self._ttl(lease_ms, self.lease_ttl_s) if lease_ms else 0.0
-        hits: list[ChunkEntry] = []
-        for key in keys:
-            entry = self._entry_in(key, ns)
-            if entry is None or not entry.complete:
+        entries = self.index.entries
+        ns_key, world = ns.id, ns.world_size
+        hits: list[bytes] = []
+        for start in range(0, len(blob), KEY_BYTES):
+            key = blob[start : start + KEY_BYTES]
+            entry = entries.get(key)
+            if entry is None or entry.namespace != ns_key or entry.committed_ranks != world:
                 break
-            hits.append(entry)
+            hits.append(key)
         lease_id = 0
         if lease_ms and hits:
-            lease_id = self._new_lease(session, hits, now, ttl, rank=None, nbytes=0)
+            lease_id = self._new_lease(session, [entries[k] for k in hits], now, ttl, rank=None, nbytes=0)
         else:
-            self._refresh_prefix(hits)
-        n_hit, n_miss = len(hits), len(keys) - len(hits)
+            # The head of the prefix ends up most recent, so its tail is evicted first.
+            self._policy(ns.slot_bytes).touch_all(reversed(hits))
+        n_keys = len(blob) // KEY_BYTES
+        n_hit, n_miss = len(hits), n_keys - len(hits)
         c = self.counters
         c.lookups += 1
         c.hit_chunks += n_hit
         c.miss_chunks += n_miss
         c.hit_tokens += n_hit * self.chunk_tokens
         c.miss_tokens += n_miss * self.chunk_tokens
-        self.observer.on_lookup(n_hit, n_miss, self.chunk_tokens)
         return n_hit, lease_id
 
     def _new_lease(

@@ -8,7 +8,7 @@ skip anything and stays O(1).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Protocol
 
 
@@ -18,6 +18,9 @@ class EvictionPolicy(Protocol):
 
     def remove(self, key: Hashable) -> None:
         """Forget a key (no longer evictable); absent keys are ignored."""
+
+    def touch_all(self, keys: Iterable[Hashable]) -> None:
+        """Mark keys as just used, in order, where tracked; others are ignored (hot path)."""
 
     def victim(self) -> Hashable | None:
         """The key to evict next, without removing it; None when empty."""
@@ -38,6 +41,14 @@ class LRUPolicy:
 
     def remove(self, key: Hashable) -> None:
         self._order.pop(key, None)
+
+    def touch_all(self, keys: Iterable[Hashable]) -> None:
+        move = self._order.move_to_end  # one call per lookup, not one per chunk
+        for key in keys:
+            try:
+                move(key)
+            except KeyError:
+                pass
 
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)

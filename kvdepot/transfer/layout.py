@@ -40,6 +40,9 @@ class PagedLayout:
     # block_major only: uint8 [num_blocks, num_planes * piece_bytes], one piece per block
     blocks: torch.Tensor | None
     device: torch.device
+    # The layer each plane belongs to (planes are in slot order; for block_major that is memory
+    # order, which need not be layer order: BHLNC interleaves heads and layers).
+    plane_layer: tuple[int, ...] = ()
 
     @property
     def piece_bytes(self) -> int:
@@ -112,7 +115,9 @@ def infer_head_dims(t: torch.Tensor, block_dim: int, block_size: int) -> tuple[i
     dims = [s for d, s in enumerate(t.shape) if d != block_dim]
     if 2 in dims and len(dims) == 4:  # a K/V dim of size 2 somewhere
         dims.remove(2)
-        rest = [s for s in dims if s != block_size] if block_size in dims else dims
+        rest = list(dims)
+        if block_size in rest:
+            rest.remove(block_size)  # once: heads may equal the block size
         heads = rest[0] if len(rest) == 2 else 1
         return heads, rest[-1], rest[-1]
     rest = list(dims)
@@ -145,9 +150,10 @@ def describe_layout(
     esize = first.element_size()
 
     plane_starts: list[tuple[torch.Tensor, int, int]] = []  # (byte view, start byte, block stride)
+    layer_of: list[int] = []
     piece_bytes = None
     heads = hk = hv = None
-    for t in tensors:
+    for layer, t in enumerate(tensors):
         bdim = _find_block_dim(t, num_blocks)
         block0 = t.select(bdim, 0)
         pieces = _contiguous_pieces(block0)
@@ -162,24 +168,39 @@ def describe_layout(
                     "are not supported (hybrid models)"
                 )
             plane_starts.append((flat, base + start * esize, t.stride(bdim) * esize))
+            layer_of.append(layer)
         if heads is None:
             heads, hk, hv = infer_head_dims(t, bdim, block_size)
             if is_mla:
-                heads, hv = 1, 0
+                heads, hk, hv = 1, hk + hv, 0
     assert piece_bytes is not None and heads is not None
 
-    planes = tuple(
-        flat.as_strided((num_blocks, piece_bytes), (stride, 1), start)
-        for flat, start, stride in plane_starts
+    n = len(plane_starts)
+    same_storage = all(
+        p[0] is plane_starts[0][0] or p[0].data_ptr() == plane_starts[0][0].data_ptr()
+        for p in plane_starts
     )
-    n = len(planes)
-    same_storage = all(p[0] is plane_starts[0][0] or p[0].data_ptr() == plane_starts[0][0].data_ptr() for p in plane_starts)
-    s0, stride0 = plane_starts[0][1], plane_starts[0][2]
+    # Block-major when one block's pieces, over all layers, tile one run of memory and blocks
+    # follow each other at that run's length. The pieces are compared in memory order, not
+    # layer order: in BHLNC a block is one run, but it walks heads outside layers.
+    by_address = sorted(range(n), key=lambda i: plane_starts[i][1])
+    s0 = plane_starts[by_address[0]][1]
+    stride0 = plane_starts[0][2]
     block_major = (
         n > 1
         and same_storage
         and stride0 == n * piece_bytes
-        and all(st == stride0 and s == s0 + i * piece_bytes for i, (_, s, st) in enumerate(plane_starts))
+        and all(
+            plane_starts[i][2] == stride0 and plane_starts[i][1] == s0 + rank * piece_bytes
+            for rank, i in enumerate(by_address)
+        )
+    )
+    if block_major:
+        plane_starts = [plane_starts[i] for i in by_address]
+        layer_of = [layer_of[i] for i in by_address]
+    planes = tuple(
+        flat.as_strided((num_blocks, piece_bytes), (stride, 1), start)
+        for flat, start, stride in plane_starts
     )
     blocks = (
         plane_starts[0][0].as_strided((num_blocks, n * piece_bytes), (stride0, 1), s0)
@@ -208,6 +229,7 @@ def describe_layout(
         block_major=block_major,
         blocks=blocks,
         device=device,
+        plane_layer=tuple(layer_of),
     )
 
 

@@ -1,0 +1,507 @@
+"""Moving chunks between a paged KV cache on a CUDA GPU and arena slots in pinned host memory.
+
+Engines, one contract (kvdepot.transfer.base):
+- ``gpu-dma``: the copy engines move whole runs with cudaMemcpyBatchAsync (one API call for the
+  batch, CUDA >= 12.8) or one cudaMemcpyAsync per run. No SM is used, so the model does not slow
+  down, but each copy has a fixed cost: good for runs of about 1 MiB and more, such as a block
+  of a cross-layer (block-outer) layout, useless for 8-72 KB per-layer pieces.
+- ``gpu-triton-staged``: one fused Triton kernel gathers all layers and blocks of a group of
+  chunks into a device staging buffer (scatters, for loads), and the copy engines move each
+  40 MiB slot over PCIe. SMs work only for the device-to-device part.
+- ``gpu-triton``: the same kernel reading or writing the arena directly over UVA, one launch
+  per batch and no staging memory, but it holds SMs for the whole PCIe-bound copy (measured on
+  an H200: a concurrent matmul loop ran 72% slower, against ~0% for the other two).
+``make_gpu_transfer`` picks one from the layout (``choose_engine``).
+
+Ordering, without host synchronisation on the critical path:
+- Each direction has its own streams, so stores and loads overlap (the link is full duplex).
+- store() and load() first make their streams wait for everything already enqueued on the
+  caller's stream (the model's; ``after=None`` means the current stream): a store reads a
+  layer's blocks only after the kernels that wrote them, a load does not overwrite blocks
+  the model is still reading from a previous owner.
+- The returned handle carries an event recorded after the copy. ``handle.stream_wait()``
+  makes the model's stream wait for a load before it reads the blocks (no host block);
+  ``handle.done()`` polls, ``handle.wait()`` blocks the host.
+- A store reads the blocks asynchronously: the caller must not let the engine reuse them
+  (vLLM: keep them out of the free list through request_finished/get_finished) until
+  ``handle.done()``. Buffers the copy uses are kept alive by the handle.
+- The arena is pinned on a background thread when the engine is built (``ready()`` tells);
+  the first transfer waits for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvdepot.transfer.base import ChunkCopy
+from kvdepot.transfer.layout import PagedLayout
+from kvdepot.transfer.pinning import (
+    MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE,
+    SRC_ACCESS_ORDER_STREAM,
+    ArenaPin,
+    MemcpyAttributes,
+    cuda_runtime,
+    pin_arena,
+    release_arena,
+)
+
+log = logging.getLogger(__name__)
+
+# Below this run size one copy per run loses to a kernel (facts: 256 KB ~20 GB/s, 1 MB ~48,
+# 2 MB+ 51-54 GB/s per cudaMemcpyAsync on the H200's PCIe Gen5 link).
+DMA_MIN_RUN_BYTES = 1 << 20
+ENGINES = ("gpu-dma", "gpu-triton", "gpu-triton-staged")
+
+
+def triton_available() -> bool:
+    """Triton is an optional extra (kvdepot[gpu]); without it only DMA runs."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose_engine(layout: PagedLayout, *, triton_ok: bool | None = None) -> tuple[str, str]:
+    """(engine name, reason). The rule: DMA when one copy moves at least DMA_MIN_RUN_BYTES
+    (a block-major block, or a large plane piece); else the fused Triton gather with DMA of
+    whole slots; else (no triton) DMA piece by piece, the fallback that works everywhere."""
+    forced = os.environ.get("KVDEPOT_GPU_ENGINE", "").strip()
+    if forced:
+        if forced not in ENGINES:
+            raise ValueError(f"KVDEPOT_GPU_ENGINE={forced!r}: expected one of {ENGINES}")
+        return forced, "KVDEPOT_GPU_ENGINE"
+    run = layout.num_planes * layout.piece_bytes if layout.block_major else layout.piece_bytes
+    if run >= DMA_MIN_RUN_BYTES:
+        return "gpu-dma", f"{run} B contiguous per block copy >= {DMA_MIN_RUN_BYTES}"
+    if triton_ok is None:
+        triton_ok = triton_available()
+    if triton_ok:
+        return "gpu-triton-staged", f"{run} B pieces < {DMA_MIN_RUN_BYTES}: fused gather + DMA"
+    return "gpu-dma", f"{run} B pieces, triton not installed: DMA fallback (slow)"
+
+
+class GpuHandle:
+    """Completion of one enqueued batch; also keeps its buffers alive until then."""
+
+    def __init__(
+        self,
+        event: torch.cuda.Event | None,
+        keep: object = None,
+        nbytes: int = 0,
+        device: torch.device | None = None,
+        start: torch.cuda.Event | None = None,
+    ):
+        self.event = event
+        self.nbytes = nbytes
+        self.device = device
+        self.start = start
+        self._keep = keep
+
+    def device_ms(self) -> float | None:
+        """GPU time from the copy's turn on its stream to its end (engines built with
+        timing=True; call once done)."""
+        if self.start is None or self.event is None:
+            return None
+        return self.start.elapsed_time(self.event)
+
+    def done(self) -> bool:
+        if self.event is None or self.event.query():
+            self._keep = None
+            return True
+        return False
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        self._keep = None
+
+    def stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Order ``stream``'s (default: the current stream's) later work after this copy."""
+        if self.event is not None:
+            (stream or torch.cuda.current_stream(self.device)).wait_event(self.event)
+
+
+class _Plan:
+    """Address arithmetic shared by the engines: the pieces the slots are made of."""
+
+    def __init__(self, layout: PagedLayout, blocks_per_chunk: int):
+        if layout.block_major:
+            assert layout.blocks is not None
+            views = (layout.blocks,)
+            piece = layout.num_planes * layout.piece_bytes
+            self.slot_plane_stride, self.slot_block_stride = piece, piece
+        else:
+            views = layout.planes
+            piece = layout.piece_bytes
+            self.slot_plane_stride = blocks_per_chunk * piece
+            self.slot_block_stride = piece
+        self.views = views
+        self.piece = piece
+        n = len(views)
+        self.plane_ptr = np.array([v.data_ptr() for v in views], dtype=np.int64)[None, :, None]
+        self.plane_stride = np.array([v.stride(0) for v in views], dtype=np.int64)[None, :, None]
+        # Offset of each (plane, block) piece inside a slot: [1, n, bpc]
+        self.slot_rel = (
+            np.arange(n, dtype=np.int64)[:, None] * self.slot_plane_stride
+            + np.arange(blocks_per_chunk, dtype=np.int64)[None, :] * self.slot_block_stride
+        )[None]
+
+
+class _GpuTransfer:
+    name = "gpu"
+
+    def __init__(
+        self,
+        layout: PagedLayout,
+        arena: torch.Tensor,
+        chunk_tokens: int,
+        *,
+        pin: bool = True,
+        background_pin: bool = True,
+        timing: bool = False,
+    ):
+        if layout.device.type != "cuda":
+            raise ValueError(f"{type(self).__name__} needs a CUDA KV cache, got {layout.device}")
+        if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.device.type != "cpu":
+            raise ValueError("arena must be a flat uint8 CPU tensor")
+        if chunk_tokens % layout.geometry.block_size:
+            raise ValueError(
+                f"block size {layout.geometry.block_size} does not divide chunk size {chunk_tokens}"
+            )
+        self.layout = layout
+        self.arena = arena
+        self.device = layout.device
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.blocks_per_chunk = layout.blocks_per_chunk(chunk_tokens)
+        self.slot_bytes = layout.slot_bytes(chunk_tokens)
+        self.plan = _Plan(layout, self.blocks_per_chunk)
+        self._pin: ArenaPin | None = (
+            pin_arena(arena, self.device, background=background_pin) if pin else None
+        )
+        with torch.cuda.device(self.device):
+            self.store_stream = torch.cuda.Stream(self.device)
+            self.load_stream = torch.cuda.Stream(self.device)
+        self.timing = timing
+        # One per direction, re-recorded per call: a wait captures the event's state when it
+        # is enqueued, so reuse is safe (calls of one direction come from one thread).
+        self._fence = {True: torch.cuda.Event(), False: torch.cuda.Event()}
+        self._pinned = False
+        self._closed = False
+
+    # -- state -----------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True once the arena is pinned (transfers before that block until it is)."""
+        return self._pin is None or self._pin.ready()
+
+    @property
+    def pin_seconds(self) -> float | None:
+        return None if self._pin is None else self._pin.seconds
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.store_stream.synchronize()
+        self.load_stream.synchronize()
+        if self._pin is not None:
+            release_arena(self._pin)
+            self._pin = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def store(
+        self, chunks: Sequence[ChunkCopy], *, after: torch.cuda.Stream | None = None
+    ) -> GpuHandle:
+        """Enqueue cache -> slots; starts after the work already on ``after`` (default: the
+        current stream)."""
+        return self._submit(chunks, True, after)
+
+    def load(
+        self, chunks: Sequence[ChunkCopy], *, after: torch.cuda.Stream | None = None
+    ) -> GpuHandle:
+        """Enqueue slots -> cache; call ``stream_wait()`` on the result before the model reads
+        the blocks."""
+        return self._submit(chunks, False, after)
+
+    def _validate(self, chunks: Sequence[ChunkCopy]) -> tuple[np.ndarray, np.ndarray]:
+        bpc = self.blocks_per_chunk
+        for chunk in chunks:
+            if len(chunk.block_ids) != bpc:
+                raise ValueError(f"a chunk needs {bpc} block ids, got {len(chunk.block_ids)}")
+        slots = np.fromiter((c.slot_offset for c in chunks), dtype=np.int64, count=len(chunks))
+        bids = np.array([list(c.block_ids) for c in chunks], dtype=np.int64).reshape(-1, bpc)
+        if slots.min() < 0 or slots.max() + self.slot_bytes > self.arena.numel():
+            raise ValueError("a slot lies outside the arena")
+        if bids.min() < 0 or bids.max() >= self.layout.num_blocks:
+            raise ValueError("block id out of range")
+        return slots, bids
+
+    def _submit(
+        self, chunks: Sequence[ChunkCopy], to_slot: bool, after: torch.cuda.Stream | None
+    ) -> GpuHandle:
+        if self._closed:
+            raise RuntimeError("transfer engine is closed")
+        if not chunks:
+            return GpuHandle(None)
+        slots, bids = self._validate(chunks)
+        if not self._pinned:
+            if self._pin is not None:
+                self._pin.wait()
+            self._pinned = True
+        # Host time here delays the first byte (each torch or CUDA call costs microseconds
+        # on the GPU machines): one reused event orders us after the producer, and nothing
+        # else is built per call but the completion event.
+        stream = self.store_stream if to_slot else self.load_stream
+        producer = after or torch.cuda.current_stream(self.device)
+        fence = self._fence[to_slot]
+        fence.record(producer)
+        stream.wait_event(fence)
+        start = None
+        if self.timing:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+        keep = self._enqueue(to_slot, slots, bids, stream, fence)
+        event = torch.cuda.Event(enable_timing=self.timing)
+        event.record(stream)
+        return GpuHandle(event, keep, len(chunks) * self.slot_bytes, self.device, start)
+
+    def _enqueue(self, to_slot: bool, slots, bids, stream, fence) -> object:
+        """Enqueue the copy (after ``fence``, the producer's work) so that ``stream`` is
+        ordered after all of it on return."""
+        raise NotImplementedError
+
+
+def _runs(plan: _Plan, arena_ptr: int, slots: np.ndarray, bids: np.ndarray):
+    """(cache addresses, arena addresses, sizes) of the copies, adjacent pieces merged."""
+    cache = (plan.plane_ptr + bids[:, None, :] * plan.plane_stride).reshape(-1)
+    slot = ((arena_ptr + slots)[:, None, None] + plan.slot_rel).reshape(-1)
+    step = plan.piece
+    if len(cache) > 1:
+        joins = (cache[1:] - cache[:-1] == step) & (slot[1:] - slot[:-1] == step)
+        if joins.any():
+            starts = np.concatenate(([0], np.flatnonzero(~joins) + 1))
+            sizes = np.diff(np.append(starts, len(cache))) * step
+            return cache[starts], slot[starts], sizes.astype(np.uint64)
+    return cache, slot, np.full(len(cache), step, dtype=np.uint64)
+
+
+class DmaTransfer(_GpuTransfer):
+    """Copy engines only: the batch's runs in one cudaMemcpyBatchAsync, or a cudaMemcpyAsync
+    loop where the runtime lacks it (each call overlaps the previous copy, so a loop costs
+    little when runs are large)."""
+
+    name = "gpu-dma"
+
+    def __init__(self, *args, batch: bool | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.rt = cuda_runtime()
+        self.use_batch = self.rt.has_batch_memcpy if batch is None else batch
+        if self.use_batch and not self.rt.has_batch_memcpy:
+            raise RuntimeError(f"cudaMemcpyBatchAsync needs CUDA >= 12.8 (runtime {self.rt.version})")
+        self._attrs = MemcpyAttributes()
+        self._attrs.srcAccessOrder = SRC_ACCESS_ORDER_STREAM
+        self._attrs.flags = MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
+        self._arena_ptr = self.arena.data_ptr()
+
+    def _enqueue(self, to_slot, slots, bids, stream, fence):
+        cache, slot, sizes = _runs(self.plan, self._arena_ptr, slots, bids)
+        dst, src = (slot, cache) if to_slot else (cache, slot)
+        copy_stream = stream.cuda_stream
+        if self.use_batch and len(sizes) > 1:
+            dst = np.ascontiguousarray(dst, dtype=np.uint64)
+            src = np.ascontiguousarray(src, dtype=np.uint64)
+            sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
+            # The arrays are read during the call only (the API copies the descriptors).
+            self.rt.memcpy_batch(
+                dst.ctypes.data, src.ctypes.data, sizes.ctypes.data, len(sizes), self._attrs,
+                copy_stream,
+            )
+            return None
+        memcpy = self.rt.memcpy_async
+        for d, s, n in zip(dst.tolist(), src.tolist(), sizes.tolist()):
+            code = memcpy(d, s, n, 4, copy_stream)
+            if code:
+                self.rt.check(code, "cudaMemcpyAsync")
+        return None
+
+
+class TritonTransfer(_GpuTransfer):
+    """One fused kernel per batch, reading or writing the arena over UVA.
+
+    16 programs keep the link as busy as 64 or 264 did on an H200 (51 GB/s store, 49 load at
+    16 chunks) while a concurrent matmul loop slowed by 12% instead of 79%."""
+
+    name = "gpu-triton"
+
+    def __init__(self, *args, max_programs: int = 16, num_warps: int = 4,
+                 table_on_host: bool = True, **kw):
+        if not triton_available():
+            raise RuntimeError("the fused-kernel engine needs triton (pip install kvdepot[gpu])")
+        from kvdepot.transfer import triton_copy  # lazily: triton is optional
+
+        super().__init__(*args, **kw)
+        if self._pin is None and type(self) is TritonTransfer:
+            raise ValueError("the UVA kernel needs the arena pinned (pin=True)")
+        # A block-major layout comes as one view of whole blocks, so slot order is plain
+        # (plane, block) order either way.
+        with torch.cuda.device(self.device):
+            self.copier = triton_copy.FusedCopier(
+                self.plan.views,
+                self.plan.piece,
+                max_programs=max_programs,
+                num_warps=num_warps,
+                table_on_host=table_on_host,
+            )
+
+    def _enqueue(self, to_slot, slots, bids, stream, fence):
+        # The host address: Triton's launcher maps it to the device address of the mapped
+        # registration (the same value under UVA).
+        with torch.cuda.stream(stream):
+            self.copier.launch(
+                to_slot=to_slot,
+                slot_base=self.arena.data_ptr(),
+                slot_owner=self.arena,
+                slot_offsets=slots,
+                block_ids=bids,
+                stream=stream,
+            )
+        return None
+
+
+class StagedTritonTransfer(TritonTransfer):
+    """The fused kernel gathers into (scatters from) a device staging buffer and the copy
+    engines move each whole slot over PCIe, so SMs are busy only for the short
+    device-to-device part (a 40 MiB chunk at HBM speed) and the link is driven by DMA.
+
+    Two staging buffers per direction on a kernel stream beside the direction's copy stream:
+    the gather of one group of chunks overlaps the DMA of the previous group. A batch that fits
+    one buffer is one kernel launch; a larger batch is one launch per buffer-full.
+    ``staging_bytes`` (per direction, default 256 MiB) trades GPU memory for fewer launches.
+    """
+
+    name = "gpu-triton-staged"
+
+    def __init__(self, *args, staging_bytes: int | None = None, max_programs: int | None = None,
+                 **kw):
+        super().__init__(*args, max_programs=max_programs or 16, **kw)
+        if max_programs is None:
+            # Short device-to-device bursts: a wide grid finishes them at HBM speed.
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.copier.max_programs = 4 * sms
+        self.rt = cuda_runtime()
+        total = staging_bytes if staging_bytes is not None else 256 << 20
+        self.staging_chunks = max(1, total // (2 * self.slot_bytes))
+        n = self.staging_chunks * self.slot_bytes
+        with torch.cuda.device(self.device):
+            self.kernel_streams = {
+                True: torch.cuda.Stream(self.device),
+                False: torch.cuda.Stream(self.device),
+            }
+            self._buffers = {
+                d: [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(2)]
+                for d in (True, False)
+            }
+        # Per direction and buffer: "filled" (gather or DMA-in done) and "free" (its contents
+        # consumed) events, re-recorded on each use.
+        self._filled = {d: [torch.cuda.Event(), torch.cuda.Event()] for d in (True, False)}
+        self._freed = {d: [torch.cuda.Event(), torch.cuda.Event()] for d in (True, False)}
+        self._used = {d: [False, False] for d in (True, False)}
+        self._next = {True: 0, False: 0}
+        self._offsets = np.arange(self.staging_chunks, dtype=np.int64) * self.slot_bytes
+
+    def _enqueue(self, to_slot, slots, bids, stream, fence):
+        kstream = self.kernel_streams[to_slot]
+        kstream.wait_event(fence)
+        arena = self.arena.data_ptr()
+        copy_stream = stream.cuda_stream
+        sb = self.slot_bytes
+        memcpy = self.rt.memcpy_async
+        for g in range(0, len(slots), self.staging_chunks):
+            gs = slots[g : g + self.staging_chunks]
+            gb = bids[g : g + self.staging_chunks]
+            b = self._next[to_slot]
+            self._next[to_slot] = 1 - b
+            buf = self._buffers[to_slot][b]
+            base = buf.data_ptr()
+            offs = self._offsets[: len(gs)]
+            filled = self._filled[to_slot][b]
+            freed = self._freed[to_slot][b]
+            reuse = self._used[to_slot][b]
+            self._used[to_slot][b] = True
+            if to_slot:
+                if reuse:
+                    kstream.wait_event(freed)  # its last DMA out has read it
+                with torch.cuda.stream(kstream):
+                    self.copier.launch(to_slot=True, slot_base=base, slot_owner=buf,
+                                       slot_offsets=offs, block_ids=gb, stream=kstream)
+                filled.record(kstream)
+                stream.wait_event(filled)
+                for off, so in zip(gs.tolist(), offs.tolist()):
+                    code = memcpy(arena + off, base + so, sb, 4, copy_stream)
+                    if code:
+                        self.rt.check(code, "cudaMemcpyAsync")
+                freed.record(stream)
+            else:
+                if reuse:
+                    stream.wait_event(freed)  # its last scatter has read it
+                for off, so in zip(gs.tolist(), offs.tolist()):
+                    code = memcpy(base + so, arena + off, sb, 4, copy_stream)
+                    if code:
+                        self.rt.check(code, "cudaMemcpyAsync")
+                filled.record(stream)
+                kstream.wait_event(filled)
+                with torch.cuda.stream(kstream):
+                    self.copier.launch(to_slot=False, slot_base=base, slot_owner=buf,
+                                       slot_offsets=offs, block_ids=gb, stream=kstream)
+                freed.record(kstream)
+        if not to_slot:
+            stream.wait_stream(kstream)  # the handle's event then covers the scatters
+        return None
+
+    def close(self) -> None:
+        if not self._closed:
+            for s in self.kernel_streams.values():
+                s.synchronize()
+        super().close()
+
+
+_CLASSES = {
+    "gpu-dma": DmaTransfer,
+    "gpu-triton": TritonTransfer,
+    "gpu-triton-staged": StagedTritonTransfer,
+}
+
+
+def make_gpu_transfer(
+    layout: PagedLayout,
+    arena: torch.Tensor,
+    chunk_tokens: int,
+    *,
+    engine: str = "auto",
+    **options,
+) -> _GpuTransfer:
+    """Build the transfer engine for this layout: ``engine="auto"`` applies ``choose_engine``;
+    a name from ENGINES forces one. ``options`` go to the engine: pin, background_pin, timing
+    (handles report device_ms()), and where they apply batch (DMA: cudaMemcpyBatchAsync or a
+    loop), max_programs / num_warps / table_on_host (kernel), staging_bytes (staged)."""
+    if engine == "auto":
+        engine, why = choose_engine(layout)
+    else:
+        why = "asked for"
+    if engine not in _CLASSES:
+        raise ValueError(f"unknown GPU transfer engine {engine!r}; expected one of {ENGINES}")
+    log.info(
+        "GPU transfer engine %s for %s (%s)", engine, layout.geometry.layout, why
+    )
+    return _CLASSES[engine](layout, arena, chunk_tokens, **options)
