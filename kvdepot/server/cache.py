@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvdepot.keys import namespace_digest
-from kvdepot.protocol import KEY_BYTES, ErrorCode, KVGeometry, SlotStatus, split_keys
+from kvdepot.protocol import KEY_BYTES, MAX_KEYS_PER_REQUEST, ErrorCode, KVGeometry, SlotStatus, split_keys
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.eviction import EvictionPolicy, LRUPolicy
 from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo
@@ -130,6 +130,8 @@ class CacheCore:
         return info
 
     def _keys(self, blob: bytes) -> list[bytes]:
+        if len(blob) > MAX_KEYS_PER_REQUEST * KEY_BYTES:
+            raise CacheError(ErrorCode.TOO_LARGE, f"more than {MAX_KEYS_PER_REQUEST} keys in one request")
         try:
             return split_keys(blob)
         except ValueError as exc:
@@ -209,20 +211,19 @@ class CacheCore:
         # The hottest path (every scheduled request): no per-key allocations beyond the
         # 16-byte slice, no helper calls per key.
         ns = self._namespace(ns_id)
-        if len(blob) % KEY_BYTES:
-            raise CacheError(ErrorCode.BAD_REQUEST, f"key blob of {len(blob)} bytes is ragged")
+        if len(blob) % KEY_BYTES or len(blob) > MAX_KEYS_PER_REQUEST * KEY_BYTES:
+            self._keys(blob)  # raises the precise error
         ttl = self._ttl(lease_ms, self.lease_ttl_s) if lease_ms else 0.0
-        entries = self.index.entries
-        ns_key, world = ns.id, ns.world_size
+        complete = self.index.complete[ns.id]
         hits: list[bytes] = []
         for start in range(0, len(blob), KEY_BYTES):
             key = blob[start : start + KEY_BYTES]
-            entry = entries.get(key)
-            if entry is None or entry.namespace != ns_key or entry.committed_ranks != world:
+            if key not in complete:
                 break
             hits.append(key)
         lease_id = 0
         if lease_ms and hits:
+            entries = self.index.entries
             lease_id = self._new_lease(session, [entries[k] for k in hits], now, ttl, rank=None, nbytes=0)
         else:
             # The head of the prefix ends up most recent, so its tail is evicted first.
@@ -348,6 +349,8 @@ class CacheCore:
             entry.pending_ranks -= 1
             entry.committed[rank] = offset
             entry.committed_ranks += 1
+            if entry.complete:
+                self.index.mark_complete(entry)
             committed.append(entry)
         self._refresh_prefix(committed)
         n = len(committed)
@@ -471,6 +474,10 @@ class CacheCore:
             in_policy = entry.key in self._policy(entry.slot_bytes)  # type: ignore[operator]
             assert in_policy == entry.evictable, entry
         assert used == self.allocator.used_bytes, (used, self.allocator.used_bytes)
+        for ns_id, keys in self.index.complete.items():
+            assert keys == {
+                k for k, e in self.index.entries.items() if e.namespace == ns_id and e.complete
+            }
         assert sum(len(lease.keys) for lease in self.leases.items.values()) == sum(
             e.leases for e in self.index.entries.values()
         )

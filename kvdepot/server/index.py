@@ -59,6 +59,9 @@ class ChunkIndex:
 
     def __init__(self) -> None:
         self.entries: dict[bytes, ChunkEntry] = {}
+        # Per namespace, the keys every rank has committed: the lookup path is then one set
+        # probe per key, with no entry attributes to read.
+        self.complete: dict[int, set[bytes]] = {}
         self.namespaces: dict[int, NamespaceInfo] = {}
         self._namespace_by_digest: dict[bytes, int] = {}
 
@@ -69,6 +72,7 @@ class ChunkIndex:
     def add_namespace(self, info: NamespaceInfo) -> None:
         self.namespaces[info.id] = info
         self._namespace_by_digest[info.digest] = info.id
+        self.complete[info.id] = set()
 
     def get(self, key: bytes) -> ChunkEntry | None:
         return self.entries.get(key)
@@ -86,7 +90,13 @@ class ChunkIndex:
         return entry
 
     def remove(self, key: bytes) -> ChunkEntry | None:
-        return self.entries.pop(key, None)
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.complete[entry.namespace].discard(key)
+        return entry
+
+    def mark_complete(self, entry: ChunkEntry) -> None:
+        self.complete[entry.namespace].add(entry.key)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -198,8 +198,8 @@ class CacheServer:
     # --- frames -----------------------------------------------------------------------------
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
         now = self.clock()
+        identity = frames[0].bytes
         if len(frames) != 2:
             self._reply_error(identity, 0, p.ErrorCode.BAD_FRAME, "expected exactly one frame", now)
             return
@@ -216,45 +216,43 @@ class CacheServer:
             # ValueError covers what msgspec lets through, e.g. UnicodeDecodeError.
             self._reply_error(identity, 0, p.ErrorCode.BAD_FRAME, f"undecodable request: {exc}", now)
             return
+        kind = type(request)
         session = self.sessions.get(identity)
-        if session is not None:
-            session.last_seen = now
-        elif not isinstance(request, p.Hello):
-            self._reply_error(
-                identity, request.req_id, p.ErrorCode.NO_SESSION,
-                "no session: send Hello first (the server may have restarted)", now,
-            )
-            return
-        if isinstance(request, p.Hello):
-            fd = frame.get(zmq.SRCFD)
-            reply = self._dispatch(identity, request, now, fd=fd)
-        elif isinstance(request, p.Batch):
-            reply = self._batch(identity, request, now)
+        if kind is p.Hello:
+            # The socket's file descriptor ties the session to its TCP connection, so a
+            # disconnect (an engine killed) ends the session at once.
+            reply = self._dispatch(identity, request, now, fd=frame.get(zmq.SRCFD))
+        elif session is None:
+            reply = self._error(identity, request.req_id, p.ErrorCode.NO_SESSION,
+                                "no session: send Hello first (the server may have restarted)", now)
         else:
-            reply = self._dispatch(identity, request, now)
+            session.last_seen = now
+            if kind is p.Batch:
+                reply = self._batch(identity, request, now)
+            else:
+                reply = self._dispatch(identity, request, now)
         self._send(identity, reply)
         if self.metrics is not None:
-            self.metrics.observe_request(type(request).__name__, self.clock() - now)
+            self.metrics.observe_request(kind.__name__, self.clock() - now)
 
     def _batch(self, identity: bytes, batch: p.Batch, now: float) -> p.Reply:
         if len(batch.ops) > p.MAX_BATCH_OPS:
             return self._error(identity, batch.req_id, p.ErrorCode.TOO_LARGE,
                                f"batch of {len(batch.ops)} ops is over {p.MAX_BATCH_OPS}", now)
-        replies = [self._dispatch(identity, op, now) for op in batch.ops]
+        replies = []
+        for op in batch.ops:
+            if type(op) is not p.Hello and identity not in self.sessions:  # after a Goodbye
+                replies.append(self._error(identity, op.req_id, p.ErrorCode.NO_SESSION,
+                                           "no session: send Hello first", now))
+            else:
+                replies.append(self._dispatch(identity, op, now))
         return p.BatchReply(req_id=batch.req_id, replies=replies)
 
     def _dispatch(self, identity: bytes, request, now: float, fd: int = -1) -> p.Reply:
-        handler = self._handlers[type(request)]
         try:
-            if isinstance(request, p.Hello):
-                return handler(identity, request, now, fd)
-            if identity not in self.sessions:  # e.g. a Goodbye earlier in the same batch
-                raise CacheError(p.ErrorCode.NO_SESSION, "no session: send Hello first")
-            if getattr(request, "keys", None) is not None and (
-                len(request.keys) > p.MAX_KEYS_PER_REQUEST * p.KEY_BYTES
-            ):
-                raise CacheError(p.ErrorCode.TOO_LARGE, "too many keys in one request")
-            return handler(identity, request, now)
+            if fd >= 0:
+                return self._hello(identity, request, now, fd)
+            return self._handlers[type(request)](identity, request, now)
         except CacheError as exc:
             return self._error(identity, request.req_id, exc.code, exc.message, now)
         except Exception:  # noqa: BLE001 - a bug must cost one request, never the server
@@ -283,7 +281,7 @@ class CacheServer:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    def _hello(self, identity: bytes, req: p.Hello, now: float, fd: int) -> p.Reply:
+    def _hello(self, identity: bytes, req: p.Hello, now: float, fd: int = -1) -> p.Reply:
         if req.protocol_version != p.PROTOCOL_VERSION:
             raise CacheError(
                 p.ErrorCode.BAD_VERSION,
