@@ -123,6 +123,7 @@ class KVDepotClient:
         engine_id: str | None = None,
         timeout_ms: int = 1000,
         heartbeat: bool = True,
+        prefault: bool = True,
     ):
         self.endpoint = f"tcp://{'127.0.0.1' if host == 'localhost' else host}:{port}"
         self.engine_id = engine_id or f"engine-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -132,6 +133,7 @@ class KVDepotClient:
         self.chunk_tokens = 0
         self.heartbeat_s = 1.0
         self._arena: ArenaMapping | None = None
+        self._prefault = prefault
         self._namespaces: list[Namespace] = []
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -195,6 +197,8 @@ class KVDepotClient:
         """A server boot we have not seen: map its arena and register our namespaces there."""
         old = self._arena
         self._arena = ArenaMapping(hello.shm_name, hello.arena_bytes)
+        if self._prefault:
+            self._arena.prefault_async()
         if old is not None:
             old.close()
         self.boot_id = hello.boot_id

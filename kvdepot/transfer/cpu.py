@@ -1,24 +1,45 @@
 """Moving chunks between a paged KV cache in CPU memory and arena slots.
 
-Each plane's pieces for a chunk are gathered (store) or scattered (load) with one
-index_select / index_copy_ over uint8 views, so the per-piece Python cost stays out of the
-copy and torch's own memcpy does the bytes.
+Pieces are moved as 8-byte words where alignment allows (a uint8 gather runs at a fraction of
+memcpy speed). Stores gather each plane's pieces with one index_select straight into the slot;
+loads scatter piece by piece through numpy slice assignment, which is a plain memcpy per piece
+and measured faster than torch's index_copy_ on strided destinations. Both release the GIL, so
+``threads`` > 1 splits the planes over a small pool (one memcpy stream rarely fills a socket's
+memory bandwidth).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from kvdepot.transfer.base import ChunkCopy, Completed
 from kvdepot.transfer.layout import PagedLayout
 
 
+def _word_dtype(*sizes: int) -> torch.dtype:
+    """The widest integer type that every byte size/offset/stride given is a multiple of."""
+    for dtype, width in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if all(s % width == 0 for s in sizes):
+            return dtype
+    return torch.uint8
+
+
+def _as_words(view: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret a [rows, bytes] uint8 view (unit inner stride) as [rows, words]."""
+    return view.view(dtype) if dtype is not torch.uint8 else view
+
+
 class CpuTransfer:
     name = "cpu"
 
-    def __init__(self, layout: PagedLayout, arena: torch.Tensor, chunk_tokens: int):
+    def __init__(
+        self, layout: PagedLayout, arena: torch.Tensor, chunk_tokens: int, threads: int | None = None
+    ):
         if layout.device.type != "cpu":
             raise ValueError(f"CpuTransfer needs a CPU KV cache, got {layout.device}")
         if arena.dtype != torch.uint8 or arena.dim() != 1:
@@ -31,42 +52,71 @@ class CpuTransfer:
         self.arena = arena
         self.blocks_per_chunk = layout.blocks_per_chunk(chunk_tokens)
         self.slot_bytes = layout.slot_bytes(chunk_tokens)
+        # Each unit is one contiguous run per block: the whole block (block_major) or one plane.
+        if layout.block_major:
+            assert layout.blocks is not None
+            units = [layout.blocks]
+        else:
+            units = list(layout.planes)
+        geometry = [u.stride(0) for u in units] + [u.storage_offset() for u in units]
+        self._dtype = _word_dtype(layout.piece_bytes, self.slot_bytes, *geometry)
+        self._units = [_as_words(u, self._dtype) for u in units]
+        self._units_np = [u.numpy() for u in self._units]
+        threads = min(4, os.cpu_count() or 1) if threads is None else threads
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="kvdepot-cpu-copy")
+            if threads > 1 and len(self._units) > 1
+            else None
+        )
+        self._threads = threads
 
-    def _slot(self, chunk: ChunkCopy) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(chunk.block_ids) != self.blocks_per_chunk:
-            raise ValueError(
-                f"a chunk needs {self.blocks_per_chunk} block ids, got {len(chunk.block_ids)}"
-            )
-        end = chunk.slot_offset + self.slot_bytes
-        if chunk.slot_offset < 0 or end > self.arena.numel():
-            raise ValueError(f"slot [{chunk.slot_offset}, {end}) is outside the arena")
-        ids = torch.as_tensor(chunk.block_ids, dtype=torch.long)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.layout.num_blocks:
+    def _run(self, job: Callable[[range], None]) -> None:
+        """Run job over all unit indices, split over the pool when there is one."""
+        n = len(self._units)
+        if self._pool is None:
+            job(range(n))
+            return
+        step = -(-n // self._threads)
+        for future in [self._pool.submit(job, range(i, min(i + step, n))) for i in range(0, n, step)]:
+            future.result()
+
+    def _slot(self, chunk: ChunkCopy) -> tuple[torch.Tensor, list[int]]:
+        ids = list(chunk.block_ids)
+        if len(ids) != self.blocks_per_chunk:
+            raise ValueError(f"a chunk needs {self.blocks_per_chunk} block ids, got {len(ids)}")
+        if min(ids) < 0 or max(ids) >= self.layout.num_blocks:
             raise ValueError("block id out of range")
-        return self.arena[chunk.slot_offset : end], ids
+        end = chunk.slot_offset + self.slot_bytes
+        if chunk.slot_offset < 0 or end > self.arena.numel() or chunk.slot_offset % 8 and self._dtype is not torch.uint8:
+            raise ValueError(f"slot [{chunk.slot_offset}, {end}) is outside the arena or misaligned")
+        slot = _as_words(self.arena[chunk.slot_offset : end], self._dtype)
+        # [unit, block in chunk, words]: the slot format of layout.py.
+        return slot.view(len(self._units), len(ids), -1), ids
 
     def store(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        layout = self.layout
-        for chunk in chunks:
-            slot, ids = self._slot(chunk)
-            if layout.block_major:
-                assert layout.blocks is not None
-                torch.index_select(layout.blocks, 0, ids, out=slot.view(len(ids), -1))
-            else:
-                per_plane = slot.view(layout.num_planes, len(ids), layout.piece_bytes)
-                for plane, dst in zip(layout.planes, per_plane):
-                    torch.index_select(plane, 0, ids, out=dst)
+        work = [(slot, torch.tensor(ids, dtype=torch.long)) for slot, ids in map(self._slot, chunks)]
+
+        def gather(units: range) -> None:
+            for slot, index in work:
+                for u in units:
+                    torch.index_select(self._units[u], 0, index, out=slot[u])
+
+        self._run(gather)
         return Completed()
 
     def load(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        layout = self.layout
-        for chunk in chunks:
-            slot, ids = self._slot(chunk)
-            if layout.block_major:
-                assert layout.blocks is not None
-                layout.blocks.index_copy_(0, ids, slot.view(len(ids), -1))
-            else:
-                per_plane = slot.view(layout.num_planes, len(ids), layout.piece_bytes)
-                for plane, src in zip(layout.planes, per_plane):
-                    plane.index_copy_(0, ids, src)
+        work = [(slot.numpy(), ids) for slot, ids in map(self._slot, chunks)]
+
+        def scatter(units: range) -> None:
+            for slot, ids in work:
+                for u in units:
+                    unit, src = self._units_np[u], slot[u]
+                    for j, block in enumerate(ids):
+                        unit[block] = src[j]
+
+        self._run(scatter)
         return Completed()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

