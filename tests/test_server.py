@@ -354,3 +354,12 @@ def test_stale_segment_is_replaced(tmp_path):
     with ServerProcess(log_path=tmp_path / "server.log", shm_name=name) as srv:
         assert os.path.getsize(f"/dev/shm/{name}") > 3
         assert "Replaced a stale shared-memory segment" in srv.log()
+
+
+def test_buffer_larger_than_dev_shm_is_refused_cleanly(monkeypatch):
+    from kvdepot.server import arena
+
+    monkeypatch.setattr(arena, "_free_bytes", lambda directory: 1 << 20)
+    with pytest.raises(OSError, match="lower --cpu-buffer-size or grow /dev/shm"):
+        arena.SharedArena(f"kvdepot-test-toolarge-{os.getpid()}", 2 << 20)
+    assert not os.path.exists(f"/dev/shm/kvdepot-test-toolarge-{os.getpid()}")

@@ -41,6 +41,14 @@ class SharedArena:
             log.warning("Replaced a stale shared-memory segment %s", self.path)
         except FileNotFoundError:
             pass
+        free = _free_bytes(SHM_DIR)
+        if free is not None and free < size:
+            # Without this check the first write past what tmpfs can hold kills the writer
+            # (server or engine) with SIGBUS instead of an error.
+            raise OSError(
+                f"{SHM_DIR} has {free / 1e9:.2f} GB free, the buffer needs {size / 1e9:.2f} GB: "
+                "lower --cpu-buffer-size or grow /dev/shm (docs/deploy.md)"
+            )
         old_umask = os.umask(0o777 & ~mode)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
@@ -56,7 +64,7 @@ class SharedArena:
             os.close(fd)
             os.unlink(self.path)
             raise
-        os.close(fd)
+        self._fd = fd  # kept for fallocate in the background touch
 
     @property
     def ready(self) -> bool:
@@ -81,6 +89,8 @@ class SharedArena:
                 if self._closed:
                     return
                 end = min(start + _TOUCH_STEP, self.size)
+                # Reserve the pages first: a full tmpfs then says ENOSPC instead of SIGBUS.
+                os.posix_fallocate(self._fd, start, end - start)
                 if populate:
                     # Allocates and maps the pages in the kernel, several times faster than
                     # writing them; kernels before 5.14 lack it and get the zeros instead.
@@ -95,7 +105,7 @@ class SharedArena:
                 log.error("Could not touch the arena's pages: %s (is /dev/shm large enough?)", exc)
             return
         log.info(
-            "Arena ready: %.1f GB in %s touched in %.2f s",
+            "Arena ready: %.3g GB in %s touched in %.2f s",
             self.size / 1e9, self.path, time.monotonic() - started,
         )
         self._ready.set()
@@ -110,6 +120,18 @@ class SharedArena:
         except BufferError:
             pass
         try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _free_bytes(directory: str) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize

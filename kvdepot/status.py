@@ -1,0 +1,143 @@
+"""`kvdepot status`: what a running server holds and did, read from its /stats endpoint.
+
+A person at a terminal gets a small table; a script passes --json and gets the server's own
+JSON back. Only the standard library is used, so the command works from a bare shell in the
+server's container (no torch, no ZMQ, no session with the server: a probe must not count as an
+engine).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
+
+DEFAULT_URL = "http://localhost:8555"
+TIMEOUT_S = 5.0
+
+
+def stats_url(url: str) -> str:
+    """Accept "host:port", "http://host:port", with or without a trailing /stats."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url if url.endswith("/stats") else url + "/stats"
+
+
+class StatusError(Exception):
+    """The server could not be asked, or answered something that is not its stats."""
+
+
+def fetch_stats(url: str, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+    target = stats_url(url)
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise StatusError(f"{target} answered HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise StatusError(f"cannot reach {target}: {exc.reason}") from exc
+    except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
+        raise StatusError(f"cannot reach {target}: {exc}") from exc
+    try:
+        stats = json.loads(body)
+    except ValueError as exc:
+        raise StatusError(f"{target} did not answer JSON (is that a kvdepot HTTP port?)") from exc
+    if not isinstance(stats, dict) or "boot_id" not in stats:
+        raise StatusError(f"{target} did not answer kvdepot stats")
+    return stats
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    # Decimal units, as --cpu-buffer-size and the server's own log lines count them.
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {seconds:02d}s"
+    return f"{minutes}m {seconds:02d}s"
+
+
+def percent(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows; every figure of /stats appears in one of them."""
+    get = s.get
+    looked_up = get("hit_chunks", 0) + get("miss_chunks", 0)
+    errors = {code: n for code, n in (get("errors") or {}).items() if n}
+    return [
+        ("server", f"kvdepot {get('version', '?')}, boot {get('boot_id', '?')}"),
+        ("state", "ready" if get("ready") else "NOT READY (arena still being prepared)"),
+        ("uptime", human_duration(get("uptime_s", 0))),
+        (
+            "buffer",
+            f"{human_bytes(get('used_bytes', 0))} used of {human_bytes(get('arena_bytes', 0))} "
+            f"({percent(get('used_bytes', 0), get('arena_bytes', 0))}), "
+            f"{human_bytes(get('free_bytes', 0))} free",
+        ),
+        ("chunks", f"{get('chunks', 0):,} of {get('chunk_tokens', 0)} tokens"),
+        ("namespaces", f"{get('namespaces', 0):,}"),
+        ("engines", f"{get('engines_connected', 0):,} connected"),
+        ("leases held", f"{get('leases_held', 0):,}"),
+        ("reservations", f"{get('reservations_open', 0):,} open"),
+        ("lookups", f"{get('lookups', 0):,}, hit ratio {percent(get('hit_chunks', 0), looked_up)}"),
+        ("  hits", f"{get('hit_chunks', 0):,} chunks, {get('hit_tokens', 0):,} tokens"),
+        ("  misses", f"{get('miss_chunks', 0):,} chunks, {get('miss_tokens', 0):,} tokens"),
+        (
+            "stored",
+            f"{get('stored_chunks', 0):,} chunks, {get('stored_tokens', 0):,} tokens, "
+            f"{human_bytes(get('stored_bytes', 0))}",
+        ),
+        (
+            "retrieved",
+            f"{get('retrieved_chunks', 0):,} chunks, {get('retrieved_tokens', 0):,} tokens, "
+            f"{human_bytes(get('retrieved_bytes', 0))}",
+        ),
+        ("evicted", f"{get('evicted_chunks', 0):,} chunks"),
+        (
+            "expired",
+            f"{get('expired_leases', 0):,} leases, {get('expired_reservations', 0):,} reservations",
+        ),
+        ("errors", ", ".join(f"{code} {n:,}" for code, n in sorted(errors.items())) or "none"),
+    ]
+
+
+def format_table(stats: dict[str, Any], url: str) -> str:
+    rows = status_rows(stats)
+    width = max(len(label) for label, _ in rows)
+    lines = [f"kvdepot status of {stats_url(url).removesuffix('/stats')}"]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def run_status(url: str = DEFAULT_URL, as_json: bool = False, out: TextIO | None = None) -> int:
+    """Print the server's stats; 0 on success, 1 (with a one-line error on stderr) otherwise."""
+    out = out or sys.stdout
+    try:
+        stats = fetch_stats(url)
+    except StatusError as exc:
+        print(f"kvdepot status: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        out.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    else:
+        out.write(format_table(stats, url) + "\n")
+    return 0
