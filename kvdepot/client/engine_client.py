@@ -145,6 +145,10 @@ class KVDepotClient:
         self._closed = False
         self._ctx = zmq.Context()
         self._socket = self._new_socket()
+        # One long-lived poller: Socket.poll() builds a new one per call, which showed up in
+        # every round trip.
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
         self._heartbeat_thread = None
         if heartbeat:
             self._heartbeat_thread = threading.Thread(
@@ -247,7 +251,7 @@ class KVDepotClient:
                 if reply is not None:
                     return reply
                 remaining = max(0.0, deadline - time.monotonic()) if deadline else 0.0
-                if not self._socket.poll(int(remaining * 1000) if remaining else 0):
+                if not self._poller.poll(int(remaining * 1000) if remaining else 0):
                     return None
                 frame = self._socket.recv()
                 try:

@@ -43,7 +43,7 @@ def _make_metrics():
         from kvdepot.server.metrics import ServerMetrics
     except ImportError:  # metrics are optional only while the module is absent
         return None
-    return ServerMetrics()
+    return ServerMetrics(lookup_totals_from_stats=True)
 
 
 def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:

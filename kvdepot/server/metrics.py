@@ -58,8 +58,12 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, lookup_totals_from_stats: bool = False) -> None:
+        """lookup_totals_from_stats: the server calls observe_lookup_latency on its hot path
+        and lets the hit/miss counters follow its snapshots instead of observe_lookup."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self._lookup_totals_from_stats = lookup_totals_from_stats
+        self._last_lookup_totals: dict[str, int] = {}
         self._define_event_metrics()
         self._define_state_metrics()
         # update_from_stats may run on several HTTP threads at once (two scrapers); the lock
@@ -187,6 +191,11 @@ class ServerMetrics:
         self._hit_tokens.inc(hit_chunks * chunk_tokens)
         self._miss_tokens.inc(miss_chunks * chunk_tokens)
 
+    def observe_lookup_latency(self, seconds: float) -> None:
+        """The hot-path form: the hit and miss counters follow the core's own totals at
+        scrape time (update_from_stats), so a lookup pays for one histogram update only."""
+        self.lookup_seconds.observe(seconds)
+
     def observe_store(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None:
         self.store_seconds.observe(seconds)
         self._stored_chunks.inc(chunks)
@@ -232,6 +241,14 @@ class ServerMetrics:
             self._ready.set(1 if stats.ready else 0)
             self._chunk_tokens.set(stats.chunk_tokens)
             self._set_info(stats.version, stats.boot_id)
+            if self._lookup_totals_from_stats:
+                for name, child in (
+                    ("hit_chunks", self._hit_chunks), ("miss_chunks", self._miss_chunks),
+                    ("hit_tokens", self._hit_tokens), ("miss_tokens", self._miss_tokens),
+                ):
+                    total = getattr(stats, name)
+                    child.inc(max(0, total - self._last_lookup_totals.get(name, 0)))
+                    self._last_lookup_totals[name] = max(self._last_lookup_totals.get(name, 0), total)
             self._expired_leases.inc(max(0, stats.expired_leases - self._last_expired_leases))
             self._last_expired_leases = max(self._last_expired_leases, stats.expired_leases)
             self._expired_reservations.inc(
