@@ -60,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="copy threads (the memcpy baseline is single-threaded)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="copy threads (default: the engine's, min(4, cores)); the memcpy baseline uses one")
     ap.add_argument("--out", default=str(REPO / "bench/results/cpu_datapath.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
