@@ -363,3 +363,16 @@ def test_buffer_larger_than_dev_shm_is_refused_cleanly(monkeypatch):
     with pytest.raises(OSError, match="lower --cpu-buffer-size or grow /dev/shm"):
         arena.SharedArena(f"kvdepot-test-toolarge-{os.getpid()}", 2 << 20)
     assert not os.path.exists(f"/dev/shm/kvdepot-test-toolarge-{os.getpid()}")
+
+
+def test_reused_socket_fd_never_ends_a_new_session(server):
+    """The OS hands a closed connection's fd to the next one; its late disconnect event must
+    not end the new engine's session."""
+    for i in range(40):
+        gone = KVDepotClient("127.0.0.1", server.port, engine_id=f"gone-{i}")
+        assert gone.connect()
+        gone.close()
+        fresh = KVDepotClient("127.0.0.1", server.port, engine_id=f"fresh-{i}")
+        assert fresh.connect()
+        fresh.register("m", small_geometry())  # NO_SESSION here was the bug
+        fresh.close()

@@ -226,7 +226,10 @@ class CacheServer:
         session = self.sessions.get(identity)
         if kind is p.Hello:
             # The socket's file descriptor ties the session to its TCP connection, so a
-            # disconnect (an engine killed) ends the session at once.
+            # disconnect (an engine killed) ends the session at once. The OS reuses fds: the
+            # monitor is drained first, so a late disconnect of the fd's previous connection
+            # (always queued before this connection's accept) cannot end the new session.
+            self._on_monitor()
             reply = self._dispatch(identity, request, now, fd=head.get(zmq.SRCFD))
         elif session is None:
             reply = self._error(identity, request.req_id, p.ErrorCode.NO_SESSION,

@@ -68,7 +68,7 @@ class CpuTransfer:
             if threads > 1 and len(self._units) > 1
             else None
         )
-        self._threads = threads
+        self.threads = threads if self._pool is not None else 1
 
     def _run(self, job: Callable[[range], None]) -> None:
         """Run job over all unit indices, split over the pool when there is one."""
@@ -76,7 +76,7 @@ class CpuTransfer:
         if self._pool is None:
             job(range(n))
             return
-        step = -(-n // self._threads)
+        step = -(-n // self.threads)
         for future in [self._pool.submit(job, range(i, min(i + step, n))) for i in range(0, n, step)]:
             future.result()
 

@@ -1,0 +1,248 @@
+"""Time to first token with real vLLM on a GPU: recompute, vLLM's own caches, and kvdepot.
+
+Runs on the GPU machine (vLLM 0.26 from ../shared/tools/vllm-gpu, Qwen3-14B-shaped config,
+dummy weights: fine for timing). In one run, for each prompt length:
+- recompute: a fresh prompt in a warm engine;
+- GPU prefix-cache hit: the same prompt again in that engine;
+- kvdepot hit: the same prompt in a *second engine process* that never saw it, loading the
+  chunks the first engine stored in the kvdepot server (both processes exit in between);
+- OffloadingConnector hit: vLLM's own CPU offloading, same prompt after a prefix-cache reset;
+- the pinned-copy ceiling: bytes of the prompt's KV over the measured host->GPU pinned rate.
+Each TTFT is the wall time of generate(max_tokens=1), median of --repeat runs on distinct
+prompts of the same length.
+
+    source .vllmslim/carry/setup.sh && python3 bench/vllm_gpu_ttft.py --out $OUT/vllm_gpu_ttft.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+QWEN3_14B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 5120,
+    "intermediate_size": 17408,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+KV_BYTES_PER_TOKEN = 2 * 40 * 8 * 128 * 2  # K and V, layers, kv heads, head dim, bf16
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed * 1_000_003 + length)
+    return [rng.randrange(1000, 150000) for _ in range(length)]
+
+
+# --- one engine process ------------------------------------------------------------------------
+
+
+def engine_main(args: argparse.Namespace) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(
+        model=args.model_dir,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        gpu_memory_utilization=args.gpu_util,
+        max_model_len=args.max_len,
+        dtype="bfloat16",
+        seed=0,
+        max_num_batched_tokens=args.max_batched,
+    )
+    if args.mode in ("kvdepot-store", "kvdepot-load"):
+        kw["kv_transfer_config"] = {
+            "kv_connector": "KVDepotConnector",
+            "kv_connector_module_path": "kvdepot.integrations.vllm",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"kvdepot.host": "127.0.0.1", "kvdepot.port": args.port},
+        }
+    elif args.mode == "offload":
+        kw["kv_transfer_config"] = {
+            "kv_connector": "OffloadingConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"cpu_bytes_to_use": args.offload_bytes},
+        }
+    llm = LLM(**kw)
+    sp = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
+
+    def ttft(tokens: list[int]) -> tuple[float, int]:
+        t = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], sp, use_tqdm=False)
+        return time.perf_counter() - t, int(out[0].num_cached_tokens or 0)
+
+    # Warm up kernels and the connector on prompts nobody measures.
+    for length in args.lengths:
+        ttft(prompt(length, seed=900))
+    results: dict[str, list] = {}
+    for length in args.lengths:
+        for r in range(args.repeat):
+            tokens = prompt(length, seed=r)
+            if args.mode == "kvdepot-store":
+                results.setdefault(f"recompute_{length}", []).append(ttft(tokens))
+                results.setdefault(f"gpu_prefix_hit_{length}", []).append(ttft(tokens))
+            elif args.mode == "kvdepot-load":
+                results.setdefault(f"kvdepot_hit_{length}", []).append(ttft(tokens))
+            elif args.mode == "offload":
+                ttft(tokens)
+                for _ in range(50):  # the connector may still hold blocks of the last request
+                    if llm.reset_prefix_cache():
+                        break
+                    time.sleep(0.1)
+                results.setdefault(f"offload_hit_{length}", []).append(ttft(tokens))
+            elif args.mode == "nocache":
+                results.setdefault(f"recompute_noconnector_{length}", []).append(ttft(tokens))
+    if args.mode == "kvdepot-store":
+        time.sleep(args.settle)  # stores are asynchronous: let the last ones commit
+    print("RESULT " + json.dumps(results), flush=True)
+    del llm
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def pinned_h2d_gbps(nbytes: int) -> float:
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t)
+    del host, dev
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(samples) / 1e9
+
+
+def run_engine(mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "engine", "--mode", mode, "--model-dir", args.model_dir,
+           "--port", str(args.port), "--repeat", str(args.repeat), "--gpu-util", str(args.gpu_util),
+           "--max-len", str(args.max_len), "--max-batched", str(args.max_batched),
+           "--lengths", *map(str, args.lengths)]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
+    started = time.monotonic()
+    log_path = log_dir / f"engine-{mode}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=args.engine_timeout)
+    print(f"  engine {mode}: exit {proc.returncode} in {time.monotonic() - started:.0f} s", flush=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = log_path.read_text()[-3000:]
+    raise RuntimeError(f"engine {mode} gave no result (exit {proc.returncode}):\n{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("role", nargs="?", default="driver", choices=["driver", "engine"])
+    ap.add_argument("--mode", default="")
+    ap.add_argument("--model-dir", default="")
+    ap.add_argument("--port", type=int, default=5555)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gpu-util", type=float, default=0.6)
+    ap.add_argument("--max-len", type=int, default=34816)
+    ap.add_argument("--max-batched", type=int, default=34816)
+    ap.add_argument("--offload-bytes", type=int, default=24 << 30)
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--engine-timeout", type=float, default=400)
+    ap.add_argument("--buffer-gb", type=float, default=40)
+    ap.add_argument("--modes", nargs="+", default=["kvdepot-store", "kvdepot-load", "offload"])
+    ap.add_argument("--out", default=str(REPO / "bench/results/vllm_gpu_ttft.json"))
+    args = ap.parse_args()
+    if args.role == "engine":
+        engine_main(args)
+        return
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = out.parent
+    model_dir = Path(tempfile.mkdtemp(prefix="qwen3-14b-shape-"))
+    (model_dir / "config.json").write_text(json.dumps(QWEN3_14B))
+    args.model_dir = str(model_dir)
+    ceiling = pinned_h2d_gbps(max(args.lengths) * KV_BYTES_PER_TOKEN)
+    print(f"pinned host->GPU: {ceiling:.1f} GB/s", flush=True)
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from server_process import ServerProcess
+
+    raw: dict[str, list] = {}
+    with ServerProcess(buffer_gb=args.buffer_gb, log_path=log_dir / "kvdepot-server.log",
+                       extra=["--lease-ttl", "120"]) as srv:
+        args.port = srv.port
+        deadline = time.monotonic() + 120
+        while "Arena ready" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for mode in args.modes:
+            try:
+                raw.update(run_engine(mode, args, log_dir))
+            except Exception as exc:  # noqa: BLE001 - report what ran
+                print(f"  engine {mode} failed: {exc}", flush=True)
+
+    report: dict = {"pinned_h2d_gbps": ceiling, "lengths": args.lengths, "repeat": args.repeat, "raw": raw}
+    print(f"\n{'tokens':>7} {'what':<34}{'TTFT ms':>9}{'cached':>8}")
+    for length in args.lengths:
+        row = {}
+        for key in ("recompute", "gpu_prefix_hit", "kvdepot_hit", "offload_hit"):
+            samples = raw.get(f"{key}_{length}")
+            if samples:
+                row[key] = statistics.median(s[0] for s in samples) * 1e3
+                print(f"{length:>7} {key:<34}{row[key]:9.1f}{samples[0][1]:8d}")
+        kv_bytes = length * KV_BYTES_PER_TOKEN
+        row["copy_floor_ms"] = kv_bytes / (ceiling * 1e9) * 1e3
+        if "gpu_prefix_hit" in row:
+            row["bound_ms"] = row["gpu_prefix_hit"] + row["copy_floor_ms"]
+            print(f"{length:>7} {'bound: GPU hit + bytes/pinned rate':<34}{row['bound_ms']:9.1f}")
+        if "kvdepot_hit" in row:
+            if "bound_ms" in row:
+                row["kvdepot_vs_bound"] = row["kvdepot_hit"] / row["bound_ms"]
+            if "recompute" in row:
+                row["recompute_vs_kvdepot"] = row["recompute"] / row["kvdepot_hit"]
+            if "offload_hit" in row:
+                row["offload_vs_kvdepot"] = row["offload_hit"] / row["kvdepot_hit"]
+        report[str(length)] = row
+    out.write_text(json.dumps(report, indent=2))
+    for length in args.lengths:
+        row = report[str(length)]
+        if "kvdepot_vs_bound" in row:
+            print(f"{length}: kvdepot hit / bound = {row['kvdepot_vs_bound']:.2f} (target <= 1.1); "
+                  f"recompute / kvdepot = {row.get('recompute_vs_kvdepot', float('nan')):.1f}x; "
+                  f"OffloadingConnector / kvdepot = {row.get('offload_vs_kvdepot', float('nan')):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Integrations of kvdepot with inference engines (vLLM: kvdepot.integrations.vllm)."""
