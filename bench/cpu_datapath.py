@@ -85,6 +85,7 @@ def main() -> None:
             time.sleep(0.1)
         ns = client.register("bench-llama-8b", layout.geometry)
         engine = CpuTransfer(layout, client.arena_tensor(), CHUNK, threads=args.threads)
+        copy_threads = engine.threads
         round_ = [0]
 
         def store() -> None:
@@ -132,7 +133,7 @@ def main() -> None:
         "geometry": "Llama-3.1-8B: 32 layers, 8 KV heads, head dim 128, bf16, 16-token blocks, per-layer (vLLM 0.26) layout",
         "chunks": args.chunks,
         "bytes": total,
-        "copy_threads": args.threads,
+        "copy_threads": copy_threads,
         "memcpy_gbps": gbps(t_memcpy),
         "store_gbps": gbps(t_store),
         "retrieve_gbps": gbps(t_retrieve),
@@ -143,7 +144,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"{args.chunks} chunks of {slot_bytes >> 20} MiB ({total / 1e9:.2f} GB), copy threads {args.threads}")
+    print(f"{args.chunks} chunks of {slot_bytes >> 20} MiB ({total / 1e9:.2f} GB), copy threads {copy_threads}")
     print(f"{'':34}{'GB/s':>8}{'vs memcpy':>11}")
     print(f"{'memcpy (np.copyto, 1 thread)':34}{gbps(t_memcpy):8.2f}{1:11.2f}")
     print(f"{'store (reserve, gather, commit)':34}{gbps(t_store):8.2f}{report['store_vs_memcpy']:11.2f}")
