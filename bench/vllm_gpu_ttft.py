@@ -76,7 +76,7 @@ def engine_main(args: argparse.Namespace) -> None:
         seed=0,
         max_num_batched_tokens=args.max_batched,
     )
-    if args.mode in ("kvdepot-store", "kvdepot-load"):
+    if args.mode.startswith("kvdepot"):
         kw["kv_transfer_config"] = {
             "kv_connector": "KVDepotConnector",
             "kv_connector_module_path": "kvdepot.integrations.vllm",
@@ -89,6 +89,19 @@ def engine_main(args: argparse.Namespace) -> None:
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"cpu_bytes_to_use": args.offload_bytes},
         }
+    trace: list[tuple[float, str, float]] = []
+    if args.mode == "kvdepot-load-trace":
+        args.mode, args.trace = "kvdepot-load", True
+    if args.mode == "kvdepot-load-logonly":
+        import logging
+
+        args.mode = "kvdepot-load"
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("TRACE log %(relativeCreated)d %(message)s"))
+        logging.getLogger("vllm.kvdepot").addHandler(handler)
+        logging.getLogger("vllm.kvdepot").setLevel(logging.DEBUG)
+    if args.trace and args.mode.startswith("kvdepot"):
+        _trace_connector(trace)
     llm = LLM(**kw)
     sp = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
 
@@ -108,7 +121,13 @@ def engine_main(args: argparse.Namespace) -> None:
                 results.setdefault(f"recompute_{length}", []).append(ttft(tokens))
                 results.setdefault(f"gpu_prefix_hit_{length}", []).append(ttft(tokens))
             elif args.mode == "kvdepot-load":
+                trace.clear()
+                t0 = time.perf_counter()
                 results.setdefault(f"kvdepot_hit_{length}", []).append(ttft(tokens))
+                if args.trace:
+                    print(f"TRACE {length} tokens, repeat {r}:", flush=True)
+                    for t, name, dur in trace:
+                        print(f"TRACE   +{(t - t0) * 1e3:7.2f} ms  {name:<32} {dur * 1e3:7.2f} ms", flush=True)
             elif args.mode == "offload":
                 ttft(tokens)
                 for _ in range(50):  # the connector may still hold blocks of the last request
@@ -122,6 +141,33 @@ def engine_main(args: argparse.Namespace) -> None:
         time.sleep(args.settle)  # stores are asynchronous: let the last ones commit
     print("RESULT " + json.dumps(results), flush=True)
     del llm
+
+
+def _trace_connector(trace: list) -> None:
+    """Wrap the connector's hooks to record when vLLM calls them and how long each takes."""
+    import logging
+
+    from kvdepot.integrations.vllm import KVDepotConnector
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("TRACE log %(relativeCreated)d %(message)s"))
+    kv_log = logging.getLogger("vllm.kvdepot")
+    kv_log.addHandler(handler)
+    kv_log.setLevel(logging.DEBUG)
+    for name in ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+                 "start_load_kv", "wait_for_save", "get_finished", "request_finished"):
+        original = getattr(KVDepotConnector, name)
+
+        def wrapped(self, *a, __original=original, __name=name, **k):
+            t = time.perf_counter()
+            out = __original(self, *a, **k)
+            summary = __name
+            if __name in ("get_num_new_matched_tokens", "get_finished"):
+                summary += f" -> {out if not isinstance(out, tuple) else tuple(x if not isinstance(x, set) else len(x) for x in out)}"
+            trace.append((t, summary[:60], time.perf_counter() - t))
+            return out
+
+        setattr(KVDepotConnector, name, wrapped)
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -151,7 +197,7 @@ def run_engine(mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "engine", "--mode", mode, "--model-dir", args.model_dir,
            "--port", str(args.port), "--repeat", str(args.repeat), "--gpu-util", str(args.gpu_util),
            "--max-len", str(args.max_len), "--max-batched", str(args.max_batched),
-           "--lengths", *map(str, args.lengths)]
+           "--lengths", *map(str, args.lengths)] + (["--trace"] if args.trace else [])
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
     started = time.monotonic()
@@ -159,6 +205,9 @@ def run_engine(mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=args.engine_timeout)
     print(f"  engine {mode}: exit {proc.returncode} in {time.monotonic() - started:.0f} s", flush=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("TRACE"):
+            print(line, flush=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -182,6 +231,7 @@ def main() -> None:
     ap.add_argument("--engine-timeout", type=float, default=400)
     ap.add_argument("--buffer-gb", type=float, default=40)
     ap.add_argument("--modes", nargs="+", default=["kvdepot-store", "kvdepot-load", "offload"])
+    ap.add_argument("--trace", action="store_true", help="print when the connector's hooks run")
     ap.add_argument("--out", default=str(REPO / "bench/results/vllm_gpu_ttft.json"))
     args = ap.parse_args()
     if args.role == "engine":
@@ -209,7 +259,9 @@ def main() -> None:
             time.sleep(0.5)
         for mode in args.modes:
             try:
-                raw.update(run_engine(mode, args, log_dir))
+                got = run_engine(mode, args, log_dir)
+                suffix = mode.split("kvdepot-load", 1)[1] if mode.startswith("kvdepot-load-") else ""
+                raw.update({key + suffix: value for key, value in got.items()})
             except Exception as exc:  # noqa: BLE001 - report what ran
                 print(f"  engine {mode} failed: {exc}", flush=True)
 

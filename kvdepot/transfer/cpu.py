@@ -60,8 +60,14 @@ class CpuTransfer:
             units = list(layout.planes)
         geometry = [u.stride(0) for u in units] + [u.storage_offset() for u in units]
         self._dtype = _word_dtype(layout.piece_bytes, self.slot_bytes, *geometry)
-        self._units = [_as_words(u, self._dtype) for u in units]
-        self._units_np = [u.numpy() for u in self._units]
+        self._width = torch.empty(0, dtype=self._dtype).element_size()
+        # Word views for aligned slots (every slot the server hands out), bytes for the rest.
+        words = [_as_words(u, self._dtype) for u in units]
+        self._views = {
+            True: (words, [w.numpy() for w in words]),
+            False: (units, [u.numpy() for u in units]),
+        }
+        self._units = units
         threads = min(4, os.cpu_count() or 1) if threads is None else threads
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="kvdepot-cpu-copy")
@@ -80,37 +86,44 @@ class CpuTransfer:
         for future in [self._pool.submit(job, range(i, min(i + step, n))) for i in range(0, n, step)]:
             future.result()
 
-    def _slot(self, chunk: ChunkCopy) -> tuple[torch.Tensor, list[int]]:
+    def _slot(self, chunk: ChunkCopy) -> tuple[torch.Tensor, list[int], bool]:
         ids = list(chunk.block_ids)
         if len(ids) != self.blocks_per_chunk:
             raise ValueError(f"a chunk needs {self.blocks_per_chunk} block ids, got {len(ids)}")
         if min(ids) < 0 or max(ids) >= self.layout.num_blocks:
             raise ValueError("block id out of range")
         end = chunk.slot_offset + self.slot_bytes
-        if chunk.slot_offset < 0 or end > self.arena.numel() or chunk.slot_offset % 8 and self._dtype is not torch.uint8:
-            raise ValueError(f"slot [{chunk.slot_offset}, {end}) is outside the arena or misaligned")
-        slot = _as_words(self.arena[chunk.slot_offset : end], self._dtype)
+        if chunk.slot_offset < 0 or end > self.arena.numel():
+            raise ValueError(f"slot [{chunk.slot_offset}, {end}) is outside the arena")
+        aligned = (self.arena.data_ptr() + chunk.slot_offset) % self._width == 0
+        slot = self.arena[chunk.slot_offset : end]
+        slot = _as_words(slot, self._dtype) if aligned else slot
         # [unit, block in chunk, words]: the slot format of layout.py.
-        return slot.view(len(self._units), len(ids), -1), ids
+        return slot.view(len(self._units), len(ids), -1), ids, aligned
 
     def store(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        work = [(slot, torch.tensor(ids, dtype=torch.long)) for slot, ids in map(self._slot, chunks)]
+        work = [
+            (slot, torch.tensor(ids, dtype=torch.long), self._views[aligned][0])
+            for slot, ids, aligned in map(self._slot, chunks)
+        ]
 
         def gather(units: range) -> None:
-            for slot, index in work:
+            for slot, index, views in work:
                 for u in units:
-                    torch.index_select(self._units[u], 0, index, out=slot[u])
+                    torch.index_select(views[u], 0, index, out=slot[u])
 
         self._run(gather)
         return Completed()
 
     def load(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        work = [(slot.numpy(), ids) for slot, ids in map(self._slot, chunks)]
+        work = [
+            (slot.numpy(), ids, self._views[aligned][1]) for slot, ids, aligned in map(self._slot, chunks)
+        ]
 
         def scatter(units: range) -> None:
-            for slot, ids in work:
+            for slot, ids, views in work:
                 for u in units:
-                    unit, src = self._units_np[u], slot[u]
+                    unit, src = views[u], slot[u]
                     for j, block in enumerate(ids):
                         unit[block] = src[j]
 

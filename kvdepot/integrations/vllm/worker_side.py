@@ -403,17 +403,25 @@ class WorkerSide:
                 self._server_away(f"is not answering ({exc.message})")
             else:
                 log.warning("kvdepot: load for %s failed: %s", spec.req_id, exc)
-        finally:
-            if lease:
-                try:
-                    client.release([lease])
-                except KVDepotError:
-                    pass  # expires by its TTL
+        except BaseException:
+            self._release_quietly(lease)
+            raise
         failed = [b for b in spec.block_ids[loaded * bpc :] if b >= 0]
         with self._cv:
             self.counters["loaded_chunks"] += loaded
             self.counters["loaded_bytes"] += loaded * ns.slot_bytes
+        # Report first, release after: the bytes have landed, and the engine thread waiting in
+        # get_finished should not also wait for a round trip (each GIL hand-off back to this
+        # thread can cost up to the 5 ms switch interval while the engine thread runs).
         self._load_done(spec.req_id, failed)
+        self._release_quietly(lease)
+
+    def _release_quietly(self, lease: int) -> None:
+        if lease and self._client is not None:
+            try:
+                self._client.release([lease])
+            except KVDepotError:
+                pass  # it expires by its TTL
 
     def _do_store(self, job: _Job) -> None:
         spec: StoreSpec = job.spec  # type: ignore[assignment]
