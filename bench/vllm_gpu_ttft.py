@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--offload-bytes", type=int, default=24 << 30)
     ap.add_argument("--settle", type=float, default=5.0)
     ap.add_argument("--engine-timeout", type=float, default=400)
-    ap.add_argument("--buffer-gb", type=float, default=40)
+    ap.add_argument("--buffer-gb", type=float, default=60)  # holds every prompt of a run: no eviction
     ap.add_argument("--modes", nargs="+", default=["kvdepot-store", "kvdepot-load", "offload"])
     ap.add_argument("--trace", action="store_true", help="print when the connector's hooks run")
     ap.add_argument("--out", default=str(REPO / "bench/results/vllm_gpu_ttft.json"))
