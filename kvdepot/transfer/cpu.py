@@ -1,9 +1,9 @@
 """Moving chunks between a paged KV cache in CPU memory and arena slots.
 
-Pieces are moved as 8-byte words where alignment allows (a uint8 gather runs at a fraction of
-memcpy speed). Stores gather each plane's pieces with one index_select straight into the slot;
-loads scatter piece by piece through numpy slice assignment, which is a plain memcpy per piece
-and measured faster than torch's index_copy_ on strided destinations. Both release the GIL, so
+Pieces are moved as 8-byte words where alignment allows (a byte-wise gather ran at a fraction
+of memcpy speed), one numpy slice assignment per piece: a plain memcpy, measured faster than
+torch's index_copy_ on strided destinations, and free of torch's OpenMP pool, which inside a
+vLLM CPU worker is pinned to the cores the model uses. numpy releases the GIL while copying, so
 ``threads`` > 1 splits the planes over a small pool (one memcpy stream rarely fills a socket's
 memory bandwidth).
 """
@@ -86,11 +86,12 @@ class CpuTransfer:
         for future in [self._pool.submit(job, range(i, min(i + step, n))) for i in range(0, n, step)]:
             future.result()
 
-    def _slot(self, chunk: ChunkCopy) -> tuple[torch.Tensor, list[int], bool]:
+    def _slot(self, chunk: ChunkCopy, allow_skip: bool) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
         ids = list(chunk.block_ids)
         if len(ids) != self.blocks_per_chunk:
             raise ValueError(f"a chunk needs {self.blocks_per_chunk} block ids, got {len(ids)}")
-        if min(ids) < 0 or max(ids) >= self.layout.num_blocks:
+        low = -1 if allow_skip else 0
+        if any(not low <= b < self.layout.num_blocks for b in ids):
             raise ValueError("block id out of range")
         end = chunk.slot_offset + self.slot_bytes
         if chunk.slot_offset < 0 or end > self.arena.numel():
@@ -99,36 +100,33 @@ class CpuTransfer:
         slot = self.arena[chunk.slot_offset : end]
         slot = _as_words(slot, self._dtype) if aligned else slot
         # [unit, block in chunk, words]: the slot format of layout.py.
-        return slot.view(len(self._units), len(ids), -1), ids, aligned
+        return slot.view(len(self._units), len(ids), -1).numpy(), ids, self._views[aligned][1]
 
-    def store(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        work = [
-            (slot, torch.tensor(ids, dtype=torch.long), self._views[aligned][0])
-            for slot, ids, aligned in map(self._slot, chunks)
-        ]
+    def _copy(self, chunks: Sequence[ChunkCopy], to_slot: bool) -> Completed:
+        work = [self._slot(chunk, allow_skip=not to_slot) for chunk in chunks]
 
-        def gather(units: range) -> None:
-            for slot, index, views in work:
-                for u in units:
-                    torch.index_select(views[u], 0, index, out=slot[u])
-
-        self._run(gather)
-        return Completed()
-
-    def load(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        work = [
-            (slot.numpy(), ids, self._views[aligned][1]) for slot, ids, aligned in map(self._slot, chunks)
-        ]
-
-        def scatter(units: range) -> None:
+        def copy(units: range) -> None:
             for slot, ids, views in work:
                 for u in units:
-                    unit, src = views[u], slot[u]
+                    unit, pieces = views[u], slot[u]
                     for j, block in enumerate(ids):
-                        unit[block] = src[j]
+                        if block < 0:
+                            continue
+                        if to_slot:
+                            pieces[j] = unit[block]
+                        else:
+                            unit[block] = pieces[j]
 
-        self._run(scatter)
+        self._run(copy)
         return Completed()
+
+    def store(self, chunks: Sequence[ChunkCopy]) -> Completed:
+        return self._copy(chunks, to_slot=True)
+
+    def load(self, chunks: Sequence[ChunkCopy]) -> Completed:
+        """Block id -1 marks a block the engine already holds (shared through its own prefix
+        cache): that piece of the slot is not written to it."""
+        return self._copy(chunks, to_slot=False)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -3,8 +3,9 @@
 Whole chunks go through the project's transfer engines (kvdepot.transfer: CPU, or the GPU
 DMA / Triton engines). A load may also need a *partial* chunk: when vLLM's own prefix cache
 already holds the first blocks of a chunk, those blocks are shared with other requests and
-must not be written, so only the chunk's remaining blocks are copied, block by block, with
-plain torch indexing over the same byte views (at most one such chunk per request).
+must not be written, so only the chunk's remaining blocks are copied (block id -1 marks the
+others): by the CPU engine itself, or on a GPU block by block with plain torch indexing over
+the same byte views (at most one such chunk per request).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from kvdepot.transfer.base import ChunkCopy, Completed
+from kvdepot.transfer.cpu import CpuTransfer
 from kvdepot.transfer.layout import PagedLayout
 
 log = logging.getLogger("vllm.kvdepot")
@@ -56,10 +57,9 @@ class BlockCopier:
         self.device = layout.device
         self.engine = None
         if self.device.type == "cpu":
-            # Not kvdepot.transfer.cpu: its torch ops, run from our I/O thread, start a second
-            # OpenMP team on the cores vLLM's CPU backend has pinned its own threads to; a
-            # 32 MiB load took 2.7 s that way. numpy does plain memcpys on this thread only.
-            self.engine = NumpyCpuCopier(layout, arena, chunk_tokens)
+            # One copy thread: vLLM's CPU backend pins its OpenMP threads to the cores, and a
+            # second team of copy threads there only competes with the model.
+            self.engine = CpuTransfer(layout, arena, chunk_tokens, threads=1)
         elif self.device.type == "cuda":
             try:
                 from kvdepot.transfer.gpu import make_gpu_transfer
@@ -107,8 +107,8 @@ class BlockCopier:
             else:
                 handles.append(self._torch_copy(whole, to_slot=False, after=after))
         if partial:
-            if isinstance(self.engine, NumpyCpuCopier):
-                handles.append(self.engine.load_partial(partial))
+            if isinstance(self.engine, CpuTransfer):  # it skips block id -1 itself
+                handles.append(self.engine.load([ChunkCopy(off, list(ids)) for off, ids in partial]))
             else:
                 handles.append(self._torch_partial_load(partial, after))
         return _Handles(handles)
@@ -171,64 +171,6 @@ class BlockCopier:
                 event = torch.cuda.Event()
                 event.record(self._side_stream)
                 return _EventHandle(event)
-        return Completed()
-
-
-class NumpyCpuCopier:
-    """Whole-chunk copies between a CPU paged cache and slots, as row memcpys in numpy."""
-
-    name = "cpu-numpy"
-
-    def __init__(self, layout: PagedLayout, arena: torch.Tensor, chunk_tokens: int):
-        if chunk_tokens % layout.geometry.block_size:
-            raise ValueError("the block size must divide the chunk size")
-        self.layout = layout
-        self.bpc = layout.blocks_per_chunk(chunk_tokens)
-        self.slot_bytes = layout.slot_bytes(chunk_tokens)
-        self.arena = arena.numpy()
-        if layout.block_major:
-            assert layout.blocks is not None
-            self.views = [layout.blocks.numpy()]  # [num_blocks, planes * piece]
-        else:
-            self.views = [p.numpy() for p in layout.planes]  # each [num_blocks, piece]
-
-    def _slot(self, chunk: ChunkCopy):
-        if len(chunk.block_ids) != self.bpc:
-            raise ValueError(f"a chunk needs {self.bpc} block ids, got {len(chunk.block_ids)}")
-        off = chunk.slot_offset
-        if off < 0 or off + self.slot_bytes > self.arena.size:
-            raise ValueError("slot outside the arena")
-        for b in chunk.block_ids:
-            if not 0 <= b < self.layout.num_blocks:
-                raise ValueError(f"block id {b} out of range")
-        # [views, blocks_per_chunk, row]: the slot order of kvdepot.transfer.layout
-        return self.arena[off : off + self.slot_bytes].reshape(len(self.views), self.bpc, -1)
-
-    def store(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        for chunk in chunks:
-            slot = self._slot(chunk)
-            ids = np.asarray(chunk.block_ids, dtype=np.intp)
-            for v, view in enumerate(self.views):
-                np.take(view, ids, axis=0, out=slot[v])
-        return Completed()
-
-    def load(self, chunks: Sequence[ChunkCopy]) -> Completed:
-        for chunk in chunks:
-            slot = self._slot(chunk)
-            ids = np.asarray(chunk.block_ids, dtype=np.intp)
-            for v, view in enumerate(self.views):
-                view[ids] = slot[v]
-        return Completed()
-
-
-    def load_partial(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> Completed:
-        """Chunks whose block id -1 marks a block to leave alone."""
-        for off, ids in chunks:
-            pos = [j for j, b in enumerate(ids) if b >= 0]
-            slot = self._slot(ChunkCopy(off, [b if b >= 0 else 0 for b in ids]))
-            dst = np.asarray([ids[j] for j in pos], dtype=np.intp)
-            for v, view in enumerate(self.views):
-                view[dst] = slot[v, pos]
         return Completed()
 
 
