@@ -12,6 +12,8 @@ from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.arena import SharedArena
 from kvdepot.server.cache import CacheCore, CacheObserver
 from kvdepot.server.config import ServerConfig, parse_args
+from kvdepot.server.http import HttpEndpoint
+from kvdepot.server.metrics import ServerMetrics
 from kvdepot.server.rpc import CacheServer
 
 log = logging.getLogger("kvdepot.server")
@@ -20,7 +22,7 @@ log = logging.getLogger("kvdepot.server")
 class LoggingObserver(CacheObserver):
     """The log lines a user follows, and the metrics, for what the core did."""
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics: ServerMetrics | None = None):
         self.metrics = metrics
 
     def on_store(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None:
@@ -38,20 +40,12 @@ class LoggingObserver(CacheObserver):
             self.metrics.count_evictions(chunks)
 
 
-def _make_metrics():
-    try:
-        from kvdepot.server.metrics import ServerMetrics
-    except ImportError:  # metrics are optional only while the module is absent
-        return None
-    return ServerMetrics(lookup_totals_from_stats=True)
-
-
 def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:
     group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
     arena = SharedArena(config.shm_name, config.buffer_bytes, mode=config.shm_mode, group=group)
     workers = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="kvdepot-worker")
     try:
-        metrics = _make_metrics()
+        metrics = ServerMetrics(lookup_totals_from_stats=True)
         core = CacheCore(
             SlabAllocator(config.buffer_bytes, config.slab_bytes),
             config.chunk_size,
@@ -112,9 +106,7 @@ def _gb(size_gb: float) -> str:
     return f"{size_gb:.1f}" if size_gb >= 1 else f"{size_gb:g}"
 
 
-def _start_http(config: ServerConfig, server: CacheServer, arena: SharedArena):
-    from kvdepot.server.http import HttpEndpoint
-
+def _start_http(config: ServerConfig, server: CacheServer, arena: SharedArena) -> HttpEndpoint:
     endpoint = HttpEndpoint(
         config.host,
         config.http_port,

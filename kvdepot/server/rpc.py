@@ -24,6 +24,7 @@ from kvdepot import __version__
 from kvdepot import protocol as p
 from kvdepot.server.cache import CacheCore, CacheError
 from kvdepot.server.arena import SharedArena
+from kvdepot.server.metrics import ServerMetrics
 
 log = logging.getLogger("kvdepot.server")
 
@@ -71,7 +72,7 @@ class CacheServer:
         port: int = 5555,
         heartbeat_s: float = 1.0,
         session_timeout_s: float = 10.0,
-        metrics=None,
+        metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.core = core
