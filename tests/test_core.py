@@ -158,6 +158,19 @@ def test_abort_and_expiry_free_memory():
     core.check_invariants()
 
 
+def test_a_lease_named_twice_is_released_once():
+    core = make_core()
+    ns = core.register("m", small_geometry(), 1, "")
+    keys = keys_for(core, ns.digest, 6, 2)
+    store(core, A, ns.id, 0, keys)
+    first, _ = core.acquire(B, ns.id, 0, b"".join(keys), 0, 0.0)
+    second, _ = core.acquire(B, ns.id, 0, b"".join(keys), 0, 0.0)
+    core.release(B, [first, first], 0.0)
+    assert [e.leases for e in core.index.entries.values()] == [1, 1]  # the other lease holds
+    core.release(B, [second], 0.0)
+    core.check_invariants()
+
+
 def test_drop_session_releases_everything_it_held():
     core = make_core()
     ns = core.register("m", small_geometry(), 1, "")
@@ -225,6 +238,7 @@ def test_models_of_different_sizes_share_the_arena():
 def test_bad_requests_change_nothing():
     core = make_core()
     ns = core.register("m", small_geometry(), 2, "")
+    other = core.register("other", small_geometry(), 1, "")
     keys = keys_for(core, ns.digest, 40, 2)
     store(core, A, ns.id, 0, keys)
     before = (dict(core.index.entries), core.allocator.used_bytes)
@@ -238,6 +252,8 @@ def test_bad_requests_change_nothing():
         lambda: core.reserve(A, ns.id, 0, b"".join(keys), -5, 0.0),
         lambda: core.register("m", small_geometry(block=17), 1, ""),  # does not divide 256
         lambda: core.register("", small_geometry(), 1, ""),
+        # A fresh key first, then one of another namespace: refused before allocating.
+        lambda: core.reserve(A, other.id, 0, b"\x01" * KEY_BYTES + keys[0], 0, 0.0),
     ]
     for case in cases:
         with pytest.raises(CacheError):

@@ -273,10 +273,12 @@ class CacheCore:
         items: list[tuple[bytes, int]] = []
         pinned: list[ChunkEntry] = []  # earlier chunks of this prefix must survive our evictions
         full = False
+        entries = self.index.entries
+        if any(key in entries and entries[key].namespace != ns.id for key in keys):
+            # Checked before anything is allocated: a refused request changes nothing.
+            raise CacheError(ErrorCode.BAD_REQUEST, "a key belongs to another namespace")
         for key in keys:
-            entry = self._entry_in(key, ns)
-            if entry is None and key in self.index.entries:
-                raise CacheError(ErrorCode.BAD_REQUEST, "key belongs to another namespace")
+            entry = entries.get(key)
             if full:
                 status.append(SlotStatus.NO_SPACE)
                 offsets.append(-1)
@@ -405,7 +407,7 @@ class CacheCore:
 
     def release(self, session: bytes, lease_ids: list[int], now: float) -> None:
         leases = []
-        for lease_id in lease_ids:
+        for lease_id in dict.fromkeys(lease_ids):  # a lease named twice ends once
             lease = self.leases.items.get(lease_id)
             if lease is None or lease.session != session:
                 raise CacheError(
