@@ -40,7 +40,9 @@ class ServerConfig:
         # Big enough that a large model's chunk (tens of MiB per rank) wastes little of a
         # slab, small enough that a buffer has many slabs to share between models.
         target = min(256 * MIB, max(MIB, self.buffer_bytes // 16))
-        return max(MIB, target // MIB * MIB)
+        # Equal slabs that tile the buffer (4 KiB-aligned), so no tail of it goes unused.
+        count = -(-self.buffer_bytes // target)
+        return max(4096, self.buffer_bytes // count // 4096 * 4096)
 
 
 def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
