@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import takewhile
+
+import numpy as np
 
 from kvdepot.keys import namespace_digest
 from kvdepot.protocol import KEY_BYTES, MAX_KEYS_PER_REQUEST, ErrorCode, KVGeometry, SlotStatus, split_keys
@@ -20,6 +23,7 @@ from kvdepot.server.leases import ExpiringTable, Lease, Reservation
 
 log = logging.getLogger("kvdepot.server")
 
+_KEY_DTYPE = np.dtype(f"V{KEY_BYTES}")  # raw 16-byte keys; tolist() gives bytes
 MAX_LEASES_PER_SESSION = 65536
 MAX_RESERVATIONS_PER_SESSION = 65536
 MAX_NAMESPACES = 4096
@@ -214,13 +218,9 @@ class CacheCore:
         if len(blob) % KEY_BYTES or len(blob) > MAX_KEYS_PER_REQUEST * KEY_BYTES:
             self._keys(blob)  # raises the precise error
         ttl = self._ttl(lease_ms, self.lease_ttl_s) if lease_ms else 0.0
-        complete = self.index.complete[ns.id]
-        hits: list[bytes] = []
-        for start in range(0, len(blob), KEY_BYTES):
-            key = blob[start : start + KEY_BYTES]
-            if key not in complete:
-                break
-            hits.append(key)
+        # One C call splits the blob into keys; takewhile stops at the first miss.
+        keys = np.frombuffer(blob, dtype=_KEY_DTYPE).tolist()
+        hits: list[bytes] = list(takewhile(self.index.complete[ns.id].__contains__, keys))
         lease_id = 0
         if lease_ms and hits:
             entries = self.index.entries
