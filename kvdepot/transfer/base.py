@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvdepot.transfer.layout import PagedLayout
 
 
 @dataclass(frozen=True)
@@ -41,3 +46,17 @@ class Completed:
 
     def wait(self) -> None:
         return None
+
+
+def check_engine_args(
+    engine: str, device_type: str, layout: "PagedLayout", arena: "torch.Tensor", chunk_tokens: int
+) -> None:
+    """What every engine needs: a cache on its device, a flat uint8 host arena, whole blocks."""
+    if layout.device.type != device_type:
+        raise ValueError(f"{engine} needs a {device_type.upper()} KV cache, got {layout.device}")
+    if str(arena.dtype) != "torch.uint8" or arena.dim() != 1 or arena.device.type != "cpu":
+        raise ValueError("the arena must be a flat uint8 tensor in host memory")
+    if chunk_tokens % layout.geometry.block_size:
+        raise ValueError(
+            f"block size {layout.geometry.block_size} does not divide chunk size {chunk_tokens}"
+        )

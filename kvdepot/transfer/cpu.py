@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvdepot.transfer.base import ChunkCopy, Completed
+from kvdepot.transfer.base import ChunkCopy, Completed, check_engine_args
 from kvdepot.transfer.layout import PagedLayout
 
 
@@ -40,14 +40,7 @@ class CpuTransfer:
     def __init__(
         self, layout: PagedLayout, arena: torch.Tensor, chunk_tokens: int, threads: int | None = None
     ):
-        if layout.device.type != "cpu":
-            raise ValueError(f"CpuTransfer needs a CPU KV cache, got {layout.device}")
-        if arena.dtype != torch.uint8 or arena.dim() != 1:
-            raise ValueError("arena must be a flat uint8 tensor")
-        if chunk_tokens % layout.geometry.block_size:
-            raise ValueError(
-                f"block size {layout.geometry.block_size} does not divide chunk size {chunk_tokens}"
-            )
+        check_engine_args(type(self).__name__, "cpu", layout, arena, chunk_tokens)
         self.layout = layout
         self.arena = arena
         self.blocks_per_chunk = layout.blocks_per_chunk(chunk_tokens)

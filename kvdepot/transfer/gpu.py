@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kvdepot.transfer.base import ChunkCopy
+from kvdepot.transfer.base import ChunkCopy, check_engine_args
 from kvdepot.transfer.layout import PagedLayout
 from kvdepot.transfer.pinning import (
     MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE,
@@ -163,14 +163,7 @@ class _GpuTransfer:
         background_pin: bool = True,
         timing: bool = False,
     ):
-        if layout.device.type != "cuda":
-            raise ValueError(f"{type(self).__name__} needs a CUDA KV cache, got {layout.device}")
-        if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.device.type != "cpu":
-            raise ValueError("arena must be a flat uint8 CPU tensor")
-        if chunk_tokens % layout.geometry.block_size:
-            raise ValueError(
-                f"block size {layout.geometry.block_size} does not divide chunk size {chunk_tokens}"
-            )
+        check_engine_args(type(self).__name__, "cuda", layout, arena, chunk_tokens)
         self.layout = layout
         self.arena = arena
         self.device = layout.device
