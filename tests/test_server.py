@@ -376,3 +376,31 @@ def test_reused_socket_fd_never_ends_a_new_session(server):
         assert fresh.connect()
         fresh.register("m", small_geometry())  # NO_SESSION here was the bug
         fresh.close()
+
+
+def test_batch_answers_every_op_in_one_round_trip(make_client):
+    client = make_client()
+    geo = small_geometry()
+    ns = client.register("m", geo)
+    keys = [client.chunk_keys(ns, tokens(30 + i, 256 * 2)) for i in range(3)]
+    store_pattern(client, ns, 0, keys[0], seed=30)
+    replies = client.batch([
+        p.Lookup(req_id=1, namespace=ns.id, keys=b"".join(keys[0]), lease_ms=1000),
+        p.Lookup(req_id=2, namespace=ns.id, keys=b"".join(keys[1])),
+        p.Reserve(req_id=3, namespace=ns.id, rank=0, keys=b"".join(keys[2])),
+        p.Release(req_id=4, leases=[987654]),  # fails alone; the others still succeed
+        p.Lookup(req_id=5, namespace=999, keys=b""),
+    ])
+    assert [type(r).__name__ for r in replies] == [
+        "LookupReply", "LookupReply", "ReserveReply", "ErrorReply", "ErrorReply",
+    ]
+    assert [r.req_id for r in replies] == [1, 2, 3, 4, 5]
+    assert replies[0].hit_chunks == 2 and replies[0].lease
+    assert replies[1].hit_chunks == 0
+    assert replies[2].status == [SlotStatus.RESERVED] * 2
+    assert replies[3].code == p.ErrorCode.UNKNOWN_LEASE
+    assert replies[4].code == p.ErrorCode.UNKNOWN_NAMESPACE
+    assert client.commit(replies[2].reservation) == 2
+    assert client.lookup(ns, keys[2]).hit_chunks == 2
+    client.release([replies[0].lease])
+    assert client.stats().leases_held == 0
