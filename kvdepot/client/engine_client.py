@@ -273,10 +273,12 @@ class KVDepotClient:
                 self._abandoned.clear()
 
     def _call_raw(self, request: msgspec.Struct) -> p.Reply:
-        """For the handshake and registrations: may wait for the connection to come up."""
+        """For the handshake and registrations: may wait for the connection to come up, within
+        the same one deadline as the reply."""
         with self._lock:
+            deadline = time.monotonic() + self.timeout_s
             req_id = self._send(request, connect_wait_s=self.timeout_s)
-            reply = self._collect(req_id, time.monotonic() + self.timeout_s)
+            reply = self._collect(req_id, deadline)
             if reply is None:
                 raise self._timed_out(req_id)
             self._backoff_s = 0.0
