@@ -404,3 +404,35 @@ def test_batch_answers_every_op_in_one_round_trip(make_client):
     assert client.lookup(ns, keys[2]).hit_chunks == 2
     client.release([replies[0].lease])
     assert client.stats().leases_held == 0
+
+
+def test_a_hung_server_costs_one_deadline_then_calls_fail_fast(tmp_path):
+    srv = ServerProcess(log_path=tmp_path / "server.log").start()
+    try:
+        client = KVDepotClient("127.0.0.1", srv.port, timeout_ms=300, heartbeat=False)
+        assert client.connect()
+        ns = client.register("m", small_geometry())
+        keys = client.chunk_keys(ns, tokens(40, 256 * 2))
+        srv.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            client.lookup(ns, keys)
+        assert time.monotonic() - started < 0.6  # the 300 ms deadline, not more
+        started = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(ServerUnavailable):
+                client.lookup(ns, keys)
+        assert time.monotonic() - started < 0.1  # backing off: no second deadline wasted
+        srv.proc.send_signal(signal.SIGCONT)
+
+        def answers():
+            try:
+                return client.lookup(ns, keys).hit_chunks == 0
+            except ServerUnavailable:
+                return False
+
+        wait_for(answers, timeout=15)
+        client.close()
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        srv.stop()
