@@ -287,17 +287,8 @@ class SchedulerSide:
         keys = self._keys(st, n)[first:n]
         try:
             st.pending = client.send_lookup(ns, keys, lease_ms=self.settings.lease_ms)
-        except ServerRestarted:
-            # Keys and namespace are unchanged across boots; only leases died. A miss now, and
-            # the server is evidently back.
-            self.counters["lookup_errors"] += 1
-            self._server_back()
-            return 0, False
         except KVDepotError as exc:
-            self.counters["lookup_errors"] += 1
-            if exc.code != int(ErrorCode.NO_SESSION):
-                self._server_away(f"is not answering ({exc.message})")
-            return 0, False
+            return self._lookup_failed(exc)
         now = time.monotonic()
         st.pending_first, st.pending_sent = first, now
         self.counters["lookups"] += 1
@@ -324,21 +315,25 @@ class SchedulerSide:
         st.pending = None
         try:
             result = pending.result()
-        except ServerRestarted:
-            self.counters["lookup_errors"] += 1
-            self._server_back()
-            return 0, False
         except KVDepotError as exc:
-            self.counters["lookup_errors"] += 1
-            if isinstance(exc, ServerUnavailable) and exc.code != int(ErrorCode.NO_SESSION):
-                self._server_away(f"is not answering ({exc.message})")
-            else:  # e.g. the server dropped our session and the client opened a new one
-                log.debug("kvdepot: lookup failed: %s", exc)
-            return 0, False
+            return self._lookup_failed(exc)
         self._server_back()
         self._drop_lookup(st)
         st.lookup = _Lookup(st.pending_first, result.hit_chunks, result.lease, result.epoch, time.monotonic())
         return None
+
+    def _lookup_failed(self, exc: KVDepotError) -> tuple[int, bool]:
+        """A lookup that could not be sent or answered is a miss; note why."""
+        self.counters["lookup_errors"] += 1
+        if isinstance(exc, ServerRestarted):
+            # Keys and namespace are unchanged across boots; only leases died, and the server
+            # is evidently back.
+            self._server_back()
+        elif isinstance(exc, ServerUnavailable) and exc.code != int(ErrorCode.NO_SESSION):
+            self._server_away(f"is not answering ({exc.message})")
+        else:  # e.g. the server dropped our session and the client opened a new one
+            log.debug("kvdepot: lookup failed: %s", exc)
+        return 0, False
 
     def _still_valid(self, res: _Lookup, first: int, now: float, epoch: int) -> bool:
         if res.epoch != epoch:
