@@ -254,10 +254,20 @@ class Bench:
                                      slot_offsets=offs, block_ids=ids, stream=stream)
 
         out["fused_launch_1chunk"] = per_call(launch)
+        out["fused_launches_native"] = staged.copier.native_launches
+        via_triton = eng("gpu-triton-staged", "v026", native_launch=False)
+
+        def launch_via_triton():
+            with torch.cuda.stream(stream):
+                via_triton.copier.launch(to_slot=True, slot_base=buf.data_ptr(), slot_owner=buf,
+                                         slot_offsets=offs, block_ids=ids, stream=stream)
+
+        out["fused_launch_1chunk_triton_launcher"] = per_call(launch_via_triton)
         dma = eng("gpu-dma", "BLHNC")
         one = self.chunks(1, "store")
         out["dma_store_call_1chunk"] = per_call(lambda: dma.store(one))
         out["staged_store_call_1chunk"] = per_call(lambda: staged.store(one))
+        out["staged_store_call_1chunk_triton_launcher"] = per_call(lambda: via_triton.store(one))
         return out
 
     def time_raw_both(self, nbytes, reps=None):
@@ -447,7 +457,7 @@ class Bench:
 
         configs = [
             ("gpu-triton-staged", "v026", {}),
-            ("gpu-triton-staged", "v026", {"table_on_host": False}),
+            ("gpu-triton-staged", "v026", {"native_launch": False}),
             ("gpu-triton", "v026", {}),
             ("gpu-dma", "BLHNC", {}),
             ("gpu-dma-loop", "BLHNC", {}),

@@ -133,8 +133,13 @@ class Acquire(msgspec.Struct, tag=True, array_like=True):
 
 
 class Release(msgspec.Struct, tag=True, array_like=True):
+    """End leases. ``retrieved`` names those (each also in ``leases``) whose chunks the engine
+    read, so the server counts and logs the retrieval; an Acquire lease counts either way."""
+
     req_id: int
     leases: list[int]
+    # Trailing with a default: a Release from a client that predates it decodes with none.
+    retrieved: list[int] = []
 
 
 class Heartbeat(msgspec.Struct, tag=True, array_like=True):
@@ -191,6 +196,11 @@ class LookupReply(msgspec.Struct, tag=True, array_like=True):
     req_id: int
     hit_chunks: int
     lease: int = 0
+    # Only with a lease (so the slots cannot move before the load): the arena byte offset of
+    # every rank's slot of every hit chunk, rank-major, ``offsets[r * hit_chunks + i]`` for
+    # rank r and chunk i, so workers load without an Acquire. Empty otherwise. Trailing with a
+    # default: a reply from a server that predates it decodes with none.
+    offsets: list[int] = []
 
 
 class ReserveReply(msgspec.Struct, tag=True, array_like=True):

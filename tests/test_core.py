@@ -10,7 +10,7 @@ from conftest import small_geometry
 from kvdepot.keys import chunk_keys
 from kvdepot.protocol import ErrorCode, KEY_BYTES, SlotStatus
 from kvdepot.server.allocator import SlabAllocator
-from kvdepot.server.cache import CacheCore, CacheError
+from kvdepot.server.cache import CacheCore, CacheError, CacheObserver
 from kvdepot.server.eviction import LRUPolicy
 
 MIB = 1 << 20
@@ -128,7 +128,7 @@ def test_two_phase_store_hides_uncommitted_and_tp_needs_all_ranks():
     blob = b"".join(keys)
     rid, status, offsets = core.reserve(A, ns.id, 0, blob, 0, 0.0)
     assert status == [SlotStatus.RESERVED] * 3
-    assert core.lookup(B, ns.id, blob, 0, 0.0) == (0, 0)
+    assert core.lookup(B, ns.id, blob, 0, 0.0) == (0, 0, [])
     assert core.acquire(B, ns.id, 0, blob, 0, 0.0) == (0, [])  # pending is unreadable
     core.commit(A, rid, 0.0)
     assert core.lookup(B, ns.id, blob, 0, 0.0)[0] == 0  # rank 1 missing
@@ -168,6 +168,79 @@ def test_a_lease_named_twice_is_released_once():
     core.release(B, [first, first], 0.0)
     assert [e.leases for e in core.index.entries.values()] == [1, 1]  # the other lease holds
     core.release(B, [second], 0.0)
+    core.check_invariants()
+
+
+class RecordingObserver(CacheObserver):
+    def __init__(self) -> None:
+        self.retrieves: list[tuple[float, int, int, int]] = []
+
+    def on_retrieve(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None:
+        self.retrieves.append((seconds, chunks, tokens, nbytes))
+
+
+def test_leased_lookup_hands_out_every_ranks_offsets():
+    core = make_core()
+    ns = core.register("m", small_geometry(), 2, "")
+    keys = keys_for(core, ns.digest, 50, 4)
+    blob = b"".join(keys)
+    store(core, A, ns.id, 0, keys)
+    store(core, A, ns.id, 1, keys[:3])  # the fourth chunk misses rank 1: not a hit
+    assert core.lookup(B, ns.id, blob, 0, 0.0) == (3, 0, [])  # no lease, no offsets
+    assert core.lookup(B, ns.id, keys_for(core, ns.digest, 51, 2)[0], 1000, 0.0) == (0, 0, [])
+    hits, lease, offsets = core.lookup(B, ns.id, blob, 1000, 0.0)
+    assert hits == 3 and lease and len(offsets) == 2 * 3
+    per_rank = [core.acquire(A, ns.id, rank, blob, 0, 0.0) for rank in range(2)]
+    assert offsets[:3] == per_rank[0][1][:3]  # rank-major: rank 0's three slots, then rank 1's
+    assert offsets[3:] == per_rank[1][1][:3]
+    assert core.leases.items[lease].nbytes == 3 * ns.slot_bytes * 2  # every rank's slots
+    core.release(A, [per_rank[0][0], per_rank[1][0]], 0.0)
+    core.check_invariants()
+
+
+def test_release_counts_a_lookup_lease_only_when_named_retrieved():
+    observer = RecordingObserver()
+    core = make_core(observer=observer)
+    ns = core.register("m", small_geometry(), 2, "")
+    keys = keys_for(core, ns.digest, 52, 3)
+    for rank in range(2):
+        store(core, A, ns.id, rank, keys)
+    _, unread, _ = core.lookup(B, ns.id, b"".join(keys), 1000, 1.0)
+    core.release(B, [unread], 1.5)
+    assert core.counters.retrieved_chunks == 0 and observer.retrieves == []
+    _, read, _ = core.lookup(B, ns.id, b"".join(keys), 1000, 2.0)
+    _, other, _ = core.lookup(B, ns.id, b"".join(keys[:1]), 1000, 2.0)
+    core.release(B, [read, other], 2.5, retrieved=[read])
+    c = core.counters
+    assert (c.retrieved_chunks, c.retrieved_tokens, c.retrieved_bytes) == (3, 3 * 256, 3 * ns.slot_bytes * 2)
+    assert observer.retrieves == [(0.5, 3, 3 * 256, 3 * ns.slot_bytes * 2)]
+    # An Acquire lease still counts without being named, and counts once when named.
+    acquired, _ = core.acquire(B, ns.id, 1, b"".join(keys), 0, 3.0)
+    core.release(B, [acquired], 3.0, retrieved=[acquired])
+    assert c.retrieved_chunks == 6 and c.retrieved_bytes == 3 * ns.slot_bytes * 3
+    assert len(observer.retrieves) == 2 and not core.leases
+    core.check_invariants()
+
+
+def test_release_naming_a_stray_retrieved_lease_changes_nothing():
+    observer = RecordingObserver()
+    core = make_core(observer=observer)
+    ns = core.register("m", small_geometry(), 1, "")
+    keys = keys_for(core, ns.digest, 53, 2)
+    store(core, A, ns.id, 0, keys)
+    _, first, _ = core.lookup(B, ns.id, b"".join(keys), 1000, 0.0)
+    _, second, _ = core.lookup(B, ns.id, b"".join(keys), 1000, 0.0)
+    before = (set(core.leases.items), [e.leases for e in core.index.entries.values()])
+    # A real lease that is not being released, an unknown one, a negative and a huge id.
+    for stray in ([second], [first, 999], [-1], [2**63]):
+        with pytest.raises(CacheError) as err:
+            core.release(B, [first], 0.0, retrieved=stray)
+        assert err.value.code == ErrorCode.BAD_REQUEST
+    assert (set(core.leases.items), [e.leases for e in core.index.entries.values()]) == before
+    assert core.counters.retrieved_chunks == 0 and observer.retrieves == []
+    core.check_invariants()
+    core.release(B, [first, second], 0.0, retrieved=[second])
+    assert not core.leases and core.counters.retrieved_chunks == 2
     core.check_invariants()
 
 
@@ -249,6 +322,7 @@ def test_bad_requests_change_nothing():
         lambda: core.acquire(A, ns.id, -1, b"".join(keys), 0, 0.0),
         lambda: core.commit(B, 12345, 0.0),
         lambda: core.release(A, [777], 0.0),
+        lambda: core.release(A, [777], 0.0, retrieved=[778]),  # read a lease it does not end
         lambda: core.reserve(A, ns.id, 0, b"".join(keys), -5, 0.0),
         lambda: core.register("m", small_geometry(block=17), 1, ""),  # does not divide 256
         lambda: core.register("", small_geometry(), 1, ""),
@@ -291,7 +365,7 @@ def test_random_operations_keep_invariants():
             except CacheError as exc:
                 assert exc.code == ErrorCode.UNKNOWN_RESERVATION
         elif op < 0.7:
-            hits, lease = core.lookup(sess, ns.id, b"".join(keys[:n]), rng.choice([0, 500]), now)
+            hits, lease, _ = core.lookup(sess, ns.id, b"".join(keys[:n]), rng.choice([0, 500]), now)
             if lease:
                 leases.append((sess, lease))
         elif op < 0.8:
@@ -301,7 +375,7 @@ def test_random_operations_keep_invariants():
         elif op < 0.9 and leases:
             s, lease = leases.pop(rng.randrange(len(leases)))
             try:
-                core.release(s, [lease], now)
+                core.release(s, [lease], now, retrieved=[lease] if rng.random() < 0.5 else [])
             except CacheError as exc:
                 assert exc.code == ErrorCode.UNKNOWN_LEASE
         elif op < 0.93:

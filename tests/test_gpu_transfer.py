@@ -441,3 +441,46 @@ def test_bad_requests_raise(shm_arena):
             eng.store([ChunkCopy(shm_arena.numel(), list(range(16)))])
         with pytest.raises(ValueError):
             eng.load([ChunkCopy(0, [layout.num_blocks] * 16)])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("engine", ["gpu-triton", "gpu-triton-staged"])
+@pytest.mark.parametrize("kind", ["v026", "kv_split", "mla026"])
+def test_native_launches_match_tritons_launcher(kind, engine, shm_arena):
+    """After the first launch of a specialization, launches go straight to cuLaunchKernel:
+    many calls of varying batch sizes (table offsets and chunk counts change, pointers do not)
+    leave exactly the bytes of Triton's own launcher, both ways."""
+    batches = [1, 3, 2, 1, 2]
+    total = sum(batches)
+    layout, caches, bufs = _layout(kind, layers=4, heads=2, head_dim=64, device="cuda",
+                                   num_blocks=16 * total + 3)
+    slot = layout.slot_bytes(CHUNK)
+    ids = torch.randperm(layout.num_blocks, generator=torch.Generator().manual_seed(10)).tolist()
+    plans, base, used = [], 4096, 0
+    for n in batches:  # every chunk its own blocks: loads never overwrite each other
+        plans.append([ChunkCopy(base + i * slot, ids[(used + i) * 16 : (used + i + 1) * 16])
+                      for i in range(n)])
+        base += n * slot
+        used += n
+    end = base
+    arenas = {}
+    for native in (False, True):
+        shm_arena[: end + 4096].fill_(0xEE)
+        with _engine(engine, layout, shm_arena, native_launch=native) as eng:
+            for chunks in plans:
+                eng.store(chunks)
+            torch.cuda.synchronize()
+            assert (eng.copier.native_launches > 0) == native
+            arenas[native] = shm_arena[: end + 4096].clone()
+            originals = [b.clone() for b in bufs]
+            for b in bufs:
+                b.view(torch.uint8).fill_(0x11)
+            for chunks in plans[:3]:  # disjoint block sets: later plans reuse no block
+                eng.load(chunks).stream_wait()
+            torch.cuda.synchronize()
+            _check_loaded(layout, bufs, originals, [c for p in plans[:3] for c in p], 0x11)
+            for b, o in zip(bufs, originals):
+                b.copy_(o)
+    assert torch.equal(arenas[True], arenas[False])

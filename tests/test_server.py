@@ -19,7 +19,7 @@ from conftest import small_geometry
 from server_process import ServerProcess
 
 from kvdepot import protocol as p
-from kvdepot.client import KVDepotClient, ServerRestarted, ServerUnavailable
+from kvdepot.client import KVDepotClient, KVDepotError, ServerRestarted, ServerUnavailable
 from kvdepot.protocol import SlotStatus
 
 
@@ -93,6 +93,120 @@ def test_tp2_chunk_hits_only_after_every_rank_commits(make_client):
     assert scheduler.lookup(nss, keys).hit_chunks == 3
     # Each rank reads its own shard.
     assert rank0.acquire(ns0, 0, keys).offsets != rank1.acquire(ns1, 1, keys).offsets
+
+
+def test_leased_lookup_offsets_let_every_rank_load_without_acquire(make_client, server):
+    rank0, rank1, scheduler = make_client(), make_client(), make_client()
+    geo = small_geometry()
+    ns0, ns1, nss = (c.register("m", geo, world_size=2) for c in (rank0, rank1, scheduler))
+    keys = scheduler.chunk_keys(nss, tokens(5, 256 * 3))
+    written = [store_pattern(rank0, ns0, 0, keys, seed=50), store_pattern(rank1, ns1, 1, keys, seed=51)]
+
+    plain = scheduler.lookup(nss, keys)
+    assert plain.hit_chunks == 3 and plain.offsets == [] and plain.rank_offsets(1) == []
+    hit = scheduler.lookup(nss, keys, lease_ms=5000)
+    assert hit.hit_chunks == 3 and hit.lease and len(hit.offsets) == 2 * 3
+    with pytest.raises(ValueError):
+        hit.rank_offsets(2)
+    # Each rank's worker reads its own shard straight from the offsets: no Acquire.
+    for worker, rank in ((rank0, 0), (rank1, 1)):
+        arena = worker.arena_array()
+        got = [arena[o : o + nss.slot_bytes].tobytes() for o in hit.rank_offsets(rank)]
+        assert got == written[rank]
+    assert scheduler.stats().retrieved_chunks == 0
+
+    scheduler.release([hit.lease], retrieved=[hit.lease])
+    stats = scheduler.stats()
+    assert stats.leases_held == 0
+    assert (stats.retrieved_chunks, stats.retrieved_tokens, stats.retrieved_bytes) == (
+        3, 3 * 256, 3 * nss.slot_bytes * 2,
+    )
+    wait_for(lambda: "Retrieved 768 tokens in" in server.log())
+
+
+def test_release_with_garbage_retrieved_ids_is_refused_and_the_server_stays_up(make_client, server):
+    client = make_client()
+    ns = client.register("m", small_geometry())
+    keys = client.chunk_keys(ns, tokens(6, 256 * 2))
+    store_pattern(client, ns, 0, keys, seed=60)
+    hit = client.lookup(ns, keys, lease_ms=60_000)
+    for stray in ([hit.lease + 1000], [-1], [2**63], [2**64 - 1]):
+        with pytest.raises(KVDepotError) as err:
+            client.release([hit.lease], retrieved=stray)
+        assert err.value.code == p.ErrorCode.BAD_REQUEST
+    with pytest.raises(KVDepotError) as err:
+        client.release([], retrieved=[hit.lease])  # read, but not ended
+    assert err.value.code == p.ErrorCode.BAD_REQUEST
+    with pytest.raises(KVDepotError) as err:
+        client.release([-5, hit.lease], retrieved=[-5])
+    assert err.value.code == p.ErrorCode.UNKNOWN_LEASE
+    with pytest.raises(KVDepotError) as err:
+        client.release([hit.lease], retrieved=[hit.lease] * (p.MAX_KEYS_PER_REQUEST + 1))
+    assert err.value.code == p.ErrorCode.TOO_LARGE
+    replies = client.batch([
+        p.Release(req_id=1, leases=[hit.lease], retrieved=[0]),
+        p.Heartbeat(req_id=2),
+    ])
+    assert [type(r).__name__ for r in replies] == ["ErrorReply", "OkReply"]
+    assert replies[0].code == p.ErrorCode.BAD_REQUEST
+
+    # Wrong types on the wire: answered with BAD_FRAME.
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"tcp://127.0.0.1:{server.port}")
+    raw.send(p.encode(p.Hello(req_id=1, protocol_version=p.PROTOCOL_VERSION, engine_id="raw")))
+    assert raw.poll(5000) and isinstance(p.decode_reply(raw.recv()), p.HelloReply)
+    for retrieved in (["x"], [1.5], "nope", [[1]]):
+        raw.send(msgspec.msgpack.encode(["Release", 3, [1], retrieved]))
+        assert raw.poll(5000)
+        reply = p.decode_reply(raw.recv())
+        assert isinstance(reply, p.ErrorReply) and reply.code == p.ErrorCode.BAD_FRAME
+    raw.close()
+    ctx.term()
+
+    assert server.alive
+    stats = client.stats()
+    assert stats.leases_held == 1 and stats.retrieved_chunks == 0  # every refusal changed nothing
+    client.release([hit.lease], retrieved=[hit.lease])
+    stats = client.stats()
+    assert stats.leases_held == 0 and stats.retrieved_chunks == 2
+
+
+def test_a_client_without_the_new_fields_still_works(make_client, server):
+    """An engine built before LookupReply.offsets and Release.retrieved: its Release decodes
+    (nothing read), and it decodes the LookupReply it gets while ignoring the offsets."""
+
+    class OldRelease(msgspec.Struct, tag="Release", array_like=True):
+        req_id: int
+        leases: list[int]
+
+    class OldLookupReply(msgspec.Struct, tag="LookupReply", array_like=True):
+        req_id: int
+        hit_chunks: int
+        lease: int = 0
+
+    owner = make_client()
+    ns = owner.register("m", small_geometry())
+    keys = owner.chunk_keys(ns, tokens(7, 256 * 2))
+    store_pattern(owner, ns, 0, keys, seed=70)
+    ctx = zmq.Context()
+    old = ctx.socket(zmq.DEALER)
+    old.setsockopt(zmq.LINGER, 0)
+    old.connect(f"tcp://127.0.0.1:{server.port}")
+    old.send(p.encode(p.Hello(req_id=1, protocol_version=p.PROTOCOL_VERSION, engine_id="old")))
+    assert old.poll(5000) and isinstance(p.decode_reply(old.recv()), p.HelloReply)
+    old.send(p.encode(p.Lookup(req_id=2, namespace=ns.id, keys=b"".join(keys), lease_ms=5000)))
+    assert old.poll(5000)
+    reply = msgspec.msgpack.decode(old.recv(), type=OldLookupReply)
+    assert reply.req_id == 2 and reply.hit_chunks == 2 and reply.lease
+    old.send(msgspec.msgpack.encode(OldRelease(req_id=3, leases=[reply.lease])))
+    assert old.poll(5000)
+    assert isinstance(p.decode_reply(old.recv()), p.OkReply)
+    old.close()
+    ctx.term()
+    stats = owner.stats()
+    assert stats.leases_held == 0 and stats.retrieved_chunks == 0
 
 
 def test_filling_the_arena_three_times_over(make_client, server):
@@ -223,7 +337,7 @@ def _valid_frames(ns_id: int, keys: bytes) -> list[bytes]:
         p.encode(p.Lookup(req_id=2, namespace=ns_id, keys=keys, lease_ms=10)),
         p.encode(p.Reserve(req_id=3, namespace=ns_id, rank=0, keys=keys)),
         p.encode(p.Acquire(req_id=4, namespace=ns_id, rank=0, keys=keys)),
-        p.encode(p.Release(req_id=5, leases=[1, 2, 3])),
+        p.encode(p.Release(req_id=5, leases=[1, 2, 3], retrieved=[2])),
         p.encode(p.Commit(req_id=6, reservation=1)),
         p.encode(p.Batch(req_id=7, ops=[p.Heartbeat(req_id=8), p.Abort(req_id=9, reservation=2)])),
         p.encode(p.Register(req_id=10, model="m", geometry=small_geometry())),
@@ -395,15 +509,19 @@ def test_batch_answers_every_op_in_one_round_trip(make_client):
         "LookupReply", "LookupReply", "ReserveReply", "ErrorReply", "ErrorReply",
     ]
     assert [r.req_id for r in replies] == [1, 2, 3, 4, 5]
-    assert replies[0].hit_chunks == 2 and replies[0].lease
-    assert replies[1].hit_chunks == 0
+    assert replies[0].hit_chunks == 2 and replies[0].lease and len(replies[0].offsets) == 2
+    assert replies[1].hit_chunks == 0 and replies[1].offsets == []
     assert replies[2].status == [SlotStatus.RESERVED] * 2
     assert replies[3].code == p.ErrorCode.UNKNOWN_LEASE
     assert replies[4].code == p.ErrorCode.UNKNOWN_NAMESPACE
     assert client.commit(replies[2].reservation) == 2
     assert client.lookup(ns, keys[2]).hit_chunks == 2
-    client.release([replies[0].lease])
-    assert client.stats().leases_held == 0
+    released = client.batch([
+        p.Release(req_id=6, leases=[replies[0].lease], retrieved=[replies[0].lease]),
+    ])
+    assert [type(r).__name__ for r in released] == ["OkReply"]
+    stats = client.stats()
+    assert stats.leases_held == 0 and stats.retrieved_chunks == 2
 
 
 def test_a_hung_server_costs_one_deadline_then_calls_fail_fast(tmp_path):

@@ -202,6 +202,8 @@ def test_tp2_ranks_store_and_load_their_own_shards(server):
     sched_b.update_state_after_alloc(req_b, blocks_of(target), 512)
     meta_b = sched_b.build_connector_meta(sched_output())
     assert [s.req_id for s in meta_b.loads] == [req_b.request_id]
+    load = meta_b.loads[0]
+    assert load.rank_offsets(0) != load.rank_offsets(1)  # each rank its own slots, no Acquire
     assert meta_b.stores == []  # nothing of a not-yet-scheduled request is stored
     for w in wb:
         w.start_load_kv(meta_b)
@@ -252,6 +254,60 @@ def test_partial_chunk_load_leaves_locally_cached_blocks_alone(server):
         x.shutdown()
     sched.close()
     sched_b.close()
+
+
+def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
+    kv_a = cpu_kv(21)
+    wa = make_worker(server.port, kv_a, world=1)
+    sched = make_scheduler(server.port, wa.spec)
+    tokens = vs.random_prompt(512, seed=21)
+    r = Req(tokens)
+    lookup_until_answered(sched, r)
+    save(wa, sched.build_connector_meta(sched_output([(r, range(32), 0, 512)])))
+
+    kv_b = cpu_kv(0, zero=True)
+    wb = make_worker(server.port, kv_b, world=1)
+    deadline = time.monotonic() + 10
+    while wb._copier is None:  # prepared at registration, before any load
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # On a GPU the worker enqueues loads on the engine thread (its copies are asynchronous);
+    # the CPU copier takes that path here so its bookkeeping runs without a GPU.
+    wb._direct = (wb._client.boot_id, wb._copier)
+    before = server.stats()
+    req = Req(tokens)
+    assert lookup_until_answered(sched, req) == (512, True)
+    target = list(range(40, 72))
+    sched.update_state_after_alloc(req, blocks_of(target), 512)
+    meta = sched.build_connector_meta(sched_output())
+    spec = meta.loads[0]
+    assert spec.boot_id == wb._client.boot_id and spec.rank_offsets(0) is not None
+    wb.start_load_kv(meta)
+    assert not wb._loads  # nothing went to the I/O thread: no Acquire round trip
+    _, _, errors = drain(wb, want_recv={req.request_id})
+    assert errors == set()
+    for got, want in zip(layer_blocks(kv_b, target), layer_blocks(kv_a, range(32))):
+        assert torch.equal(got, want)
+    assert wb.counters["loaded_chunks"] == 2
+    # The scheduler's lease is the only one; released as read once vLLM reports the load.
+    assert server.stats().leases_held == before.leases_held + 1
+    sched.update_connector_output(SimpleNamespace(finished_recving={req.request_id}))
+    sched.build_connector_meta(sched_output())
+    after = server.stats()
+    assert after.leases_held == before.leases_held
+    assert after.retrieved_chunks == before.retrieved_chunks + 2
+
+    # Offsets the arena does not have: the load fails to start, its blocks are reported for
+    # recompute, nothing is written, the engine goes on.
+    bad = LoadSpec("bad", spec.keys, list(range(72, 104)), offsets=[1 << 50, 1 << 50],
+                   boot_id=spec.boot_id)
+    wb.start_load_kv(KVDepotMetadata(chunk_tokens=256, loads=[bad]))
+    _, _, errors = drain(wb, want_recv={"bad"})
+    assert errors == set(range(72, 104))
+    assert not kv_b["model.layers.0.self_attn.attn"][72:104].any()
+    for x in (wa, wb):
+        x.shutdown()
+    sched.close()
 
 
 # --- failures: reported blocks, fast misses, one warning ------------------------------------

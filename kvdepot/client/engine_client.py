@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -73,6 +73,19 @@ class LookupResult:
     hit_chunks: int
     lease: int
     epoch: int
+    # With a lease and a hit: every rank's slot offset of every hit chunk, rank-major (see
+    # protocol.LookupReply); empty without a lease or from a server that predates the field.
+    offsets: list[int] = field(default_factory=list)
+
+    def rank_offsets(self, rank: int) -> list[int]:
+        """Rank ``rank``'s slot offsets of the hit chunks, in prefix order; empty when the
+        reply carried no offsets (then the rank needs an Acquire to load)."""
+        if not self.offsets or not self.hit_chunks:
+            return []
+        world_size = len(self.offsets) // self.hit_chunks
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        return self.offsets[rank * self.hit_chunks : (rank + 1) * self.hit_chunks]
 
 
 @dataclass(frozen=True)
@@ -353,7 +366,7 @@ class KVDepotClient:
             req_id = self._send(p.Lookup(req_id=0, namespace=ns.id, keys=b"".join(keys), lease_ms=lease_ms))
         return PendingReply(
             self, req_id, time.monotonic() + self.timeout_s,
-            lambda r: LookupResult(r.hit_chunks, r.lease, epoch),
+            lambda r: LookupResult(r.hit_chunks, r.lease, epoch, r.offsets),
         )
 
     def reserve(self, ns: Namespace, rank: int, keys: Sequence[bytes], ttl_ms: int = 0) -> Reservation:
@@ -378,9 +391,11 @@ class KVDepotClient:
         assert isinstance(r, p.AcquireReply)
         return Acquired(r.lease, r.offsets, epoch)
 
-    def release(self, leases: Sequence[int]) -> None:
-        if leases:
-            self._call(p.Release(req_id=0, leases=list(leases)))
+    def release(self, leases: Sequence[int], retrieved: Sequence[int] = ()) -> None:
+        """End ``leases``; ``retrieved`` names those of them whose chunks were read, so the
+        server counts the retrieval (Lookup leases; an Acquire lease counts anyway)."""
+        if leases or retrieved:  # a stray retrieved id alone still reaches the server's check
+            self._call(p.Release(req_id=0, leases=list(leases), retrieved=list(retrieved)))
 
     def stats(self) -> p.ServerStats:
         r = self._call(p.GetStats(req_id=0))

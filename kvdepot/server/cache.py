@@ -8,7 +8,7 @@ translates. One owner (the RPC thread) calls it; see allocator.py for why that i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from itertools import takewhile
 
@@ -211,7 +211,12 @@ class CacheCore:
 
     # --- operations -------------------------------------------------------------------------
 
-    def lookup(self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float) -> tuple[int, int]:
+    def lookup(
+        self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float
+    ) -> tuple[int, int, list[int]]:
+        """(hit chunks, lease id or 0, offsets). With a lease and a hit, offsets holds every
+        rank's committed slot of every hit chunk, rank-major (``offsets[r * hits + i]``), so
+        the workers can load without an Acquire; otherwise it is empty."""
         # The hottest path (every scheduled request): no per-key allocations beyond the
         # 16-byte slice, no helper calls per key.
         ns = self._namespace(ns_id)
@@ -222,9 +227,19 @@ class CacheCore:
         keys = np.frombuffer(blob, dtype=_KEY_DTYPE).tolist()
         hits: list[bytes] = list(takewhile(self.index.complete[ns.id].__contains__, keys))
         lease_id = 0
+        offsets: list[int] = []
         if lease_ms and hits:
             entries = self.index.entries
-            lease_id = self._new_lease(session, [entries[k] for k in hits], now, ttl, rank=None, nbytes=0)
+            hit_entries = [entries[k] for k in hits]
+            # Every rank has committed every hit chunk (that is what a hit is), so no None here;
+            # the lease keeps these slots in place until the workers have read them.
+            offsets = [  # type: ignore[misc]
+                e.committed[rank] for rank in range(ns.world_size) for e in hit_entries
+            ]
+            lease_id = self._new_lease(
+                session, hit_entries, now, ttl, rank=None,
+                nbytes=len(hits) * ns.slot_bytes * ns.world_size,
+            )
         else:
             # The head of the prefix ends up most recent, so its tail is evicted first.
             self._policy(ns.slot_bytes).touch_all(reversed(hits))
@@ -236,7 +251,7 @@ class CacheCore:
         c.miss_chunks += n_miss
         c.hit_tokens += n_hit * self.chunk_tokens
         c.miss_tokens += n_miss * self.chunk_tokens
-        return n_hit, lease_id
+        return n_hit, lease_id, offsets
 
     def _new_lease(
         self, session: bytes, entries: list[ChunkEntry], now: float, ttl: float,
@@ -405,7 +420,18 @@ class CacheCore:
         )
         return lease_id, offsets
 
-    def release(self, session: bytes, lease_ids: list[int], now: float) -> None:
+    def release(
+        self, session: bytes, lease_ids: list[int], now: float, retrieved: Collection[int] = ()
+    ) -> None:
+        """End leases. A lease counts as a retrieval when it is a rank's Acquire lease (the
+        rank asked for slots only to read them) or is named in ``retrieved`` (a Lookup lease
+        whose offsets the workers read); an unread Lookup lease ends without counting."""
+        read = set(retrieved)
+        if not read.issubset(lease_ids):
+            stray = sorted(read.difference(lease_ids))[:8]
+            raise CacheError(
+                ErrorCode.BAD_REQUEST, f"retrieved leases {stray} are not among the released ones"
+            )
         leases = []
         for lease_id in dict.fromkeys(lease_ids):  # a lease named twice ends once
             lease = self.leases.items.get(lease_id)
@@ -415,7 +441,7 @@ class CacheCore:
                 )
             leases.append(lease)
         for lease in leases:
-            self._end_lease(lease, now, retrieved=True)
+            self._end_lease(lease, now, retrieved=lease.rank is not None or lease.id in read)
 
     def _end_lease(self, lease: Lease, now: float, retrieved: bool) -> None:
         self.leases.pop(lease.id)
@@ -423,7 +449,9 @@ class CacheCore:
         for entry in entries:
             entry.leases -= 1
         self._refresh_prefix(entries)
-        if retrieved and lease.rank is not None:
+        if retrieved:
+            # One chunk per key; nbytes covers what the lease handed out: one rank's slots for
+            # an Acquire lease, every rank's for a Lookup lease.
             n = len(entries)
             c = self.counters
             c.retrieved_chunks += n

@@ -19,7 +19,7 @@ class Lease:
     expires_at: float
     started_at: float
     rank: int | None  # None: a whole-chunk lease from Lookup; else a rank's Acquire
-    nbytes: int = 0  # bytes handed out for reading (Acquire)
+    nbytes: int = 0  # bytes it covers for reading: this rank's (Acquire) or every rank's (Lookup)
 
 
 @dataclass(slots=True)

@@ -337,10 +337,10 @@ class CacheServer:
         )
 
     def _lookup(self, identity: bytes, req: p.Lookup, now: float) -> p.Reply:
-        hits, lease = self.core.lookup(identity, req.namespace, req.keys, req.lease_ms, now)
+        hits, lease, offsets = self.core.lookup(identity, req.namespace, req.keys, req.lease_ms, now)
         if self.metrics is not None:
             self.metrics.observe_lookup_latency(self.clock() - now)
-        return p.LookupReply(req_id=req.req_id, hit_chunks=hits, lease=lease)
+        return p.LookupReply(req_id=req.req_id, hit_chunks=hits, lease=lease, offsets=offsets)
 
     def _reserve(self, identity: bytes, req: p.Reserve, now: float) -> p.Reply:
         rid, status, offsets = self.core.reserve(
@@ -363,9 +363,9 @@ class CacheServer:
         return p.AcquireReply(req_id=req.req_id, lease=lease, offsets=offsets)
 
     def _release(self, identity: bytes, req: p.Release, now: float) -> p.Reply:
-        if len(req.leases) > p.MAX_KEYS_PER_REQUEST:
+        if len(req.leases) > p.MAX_KEYS_PER_REQUEST or len(req.retrieved) > p.MAX_KEYS_PER_REQUEST:
             raise CacheError(p.ErrorCode.TOO_LARGE, "too many leases in one release")
-        self.core.release(identity, req.leases, now)
+        self.core.release(identity, req.leases, now, req.retrieved)
         return p.OkReply(req_id=req.req_id)
 
     def _heartbeat(self, identity: bytes, req: p.Heartbeat, now: float) -> p.Reply:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -182,6 +183,9 @@ class _GpuTransfer:
         # One per direction, re-recorded per call: a wait captures the event's state when it
         # is enqueued, so reuse is safe (calls of one direction come from one thread).
         self._fence = {True: torch.cuda.Event(), False: torch.cuda.Event()}
+        # Calls of one direction may come from two threads (vLLM's engine thread enqueues
+        # loads, the connector's I/O thread its fallback loads): one at a time per direction.
+        self._direction_lock = {True: threading.Lock(), False: threading.Lock()}
         self._pinned = False
         self._closed = False
 
@@ -252,6 +256,10 @@ class _GpuTransfer:
             if self._pin is not None:
                 self._pin.wait()
             self._pinned = True
+        with self._direction_lock[to_slot]:
+            return self._submit_locked(slots, bids, to_slot, after, len(chunks))
+
+    def _submit_locked(self, slots, bids, to_slot: bool, after, n_chunks: int) -> GpuHandle:
         # Host time here delays the first byte (each torch or CUDA call costs microseconds
         # on the GPU machines): one reused event orders us after the producer, and nothing
         # else is built per call but the completion event.
@@ -267,7 +275,7 @@ class _GpuTransfer:
         keep = self._enqueue(to_slot, slots, bids, stream, fence)
         event = torch.cuda.Event(enable_timing=self.timing)
         event.record(stream)
-        return GpuHandle(event, keep, len(chunks) * self.slot_bytes, self.device, start)
+        return GpuHandle(event, keep, n_chunks * self.slot_bytes, self.device, start)
 
     def _enqueue(self, to_slot: bool, slots, bids, stream, fence) -> object:
         """Enqueue the copy (after ``fence``, the producer's work) so that ``stream`` is
@@ -338,7 +346,7 @@ class TritonTransfer(_GpuTransfer):
     name = "gpu-triton"
 
     def __init__(self, *args, max_programs: int = 16, num_warps: int = 4,
-                 table_on_host: bool = True, **kw):
+                 table_on_host: bool = True, native_launch: bool = True, **kw):
         if not triton_available():
             raise RuntimeError("the fused-kernel engine needs triton (pip install kvdepot[gpu])")
         from kvdepot.transfer import triton_copy  # lazily: triton is optional
@@ -355,6 +363,7 @@ class TritonTransfer(_GpuTransfer):
                 max_programs=max_programs,
                 num_warps=num_warps,
                 table_on_host=table_on_host,
+                native_launch=native_launch,
             )
 
     def _enqueue(self, to_slot, slots, bids, stream, fence):
@@ -487,7 +496,8 @@ def make_gpu_transfer(
     """Build the transfer engine for this layout: ``engine="auto"`` applies ``choose_engine``;
     a name from ENGINES forces one. ``options`` go to the engine: pin, background_pin, timing
     (handles report device_ms()), and where they apply batch (DMA: cudaMemcpyBatchAsync or a
-    loop), max_programs / num_warps / table_on_host (kernel), staging_bytes (staged)."""
+    loop), max_programs / num_warps / table_on_host / native_launch (kernel), staging_bytes
+    (staged)."""
     if engine == "auto":
         engine, why = choose_engine(layout)
     else:

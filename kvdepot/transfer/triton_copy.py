@@ -14,7 +14,8 @@ one the model cannot use.
 Host cost per launch matters as much as the kernel (a 40 MiB chunk moves in ~0.8 ms): the
 kernel arguments that never change are built once, and the per-launch table (slot offsets and
 block ids) is written into a pinned host ring that the kernel reads over UVA, so a launch is
-one Triton call and one event, with no allocation and no upload.
+one kernel launch and one event, with no allocation and no upload. After the first launch of a
+specialization through Triton, later ones go straight to cuLaunchKernel (native_launch.py).
 
 Triton is optional: this module imports it, so import it only where triton is installed
 (kvdepot.transfer.gpu does so lazily, after ``triton_available()``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import math
 import os
 import threading
@@ -32,6 +34,10 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from kvdepot.transfer.native_launch import NativeLaunch
+
+log = logging.getLogger(__name__)
 
 MAX_TILE_BYTES = 16384  # one program iteration; 8 x 16 B vectors per thread at 4 warps
 
@@ -223,9 +229,10 @@ class FusedCopier:
         *,
         max_programs: int = 64,
         num_warps: int = 4,
-        ring_slots: int = 64,
-        ring_slot_entries: int = 4096,
+        ring_slots: int = 512,
+        ring_slot_entries: int = 1024,
         table_on_host: bool = True,
+        native_launch: bool = True,
     ):
         self.device = planes[0].device
         self.piece_bytes = piece_bytes
@@ -265,6 +272,11 @@ class FusedCopier:
         self.ring = _TableRing(ring_slots, ring_slot_entries, self.device, table_on_host)
         self._slot_args: dict[tuple[int, int], object] = {}
         self._kernel = _kernel(interpreting())
+        # Per specialization (see _native_key): the native launcher, or None where it cannot be
+        # used (then Triton's launcher is).
+        self.native_launch = native_launch and self.device.type == "cuda" and not interpreting()
+        self._native: dict[tuple, NativeLaunch | None] = {}
+        self.native_launches = 0
 
     def _slot_arg(self, addr: int, owner: torch.Tensor, unit: int):
         key = (addr, unit)
@@ -303,7 +315,31 @@ class FusedCopier:
                 table_arg = moved
             piece_units = u["piece_units"]
             total = n_chunks * self.n_planes * bpc * u["tiles"]
-            self._kernel[(max(1, min(total, self.max_programs)),)](
+            grid = max(1, min(total, self.max_programs))
+            vec = max(1, align // unit)
+            pointers = (self._base, slot_base, u["plane_off"].data_ptr(),
+                        u["plane_stride"].data_ptr(), table_arg.data_ptr())
+            scalars = (start, n_chunks, self.n_planes, bpc, bpc * piece_units, piece_units,
+                       piece_units, u["tiles"])
+            key = None
+            if self.native_launch and stream is not None and isinstance(slot, int):
+                key = (to_slot, unit, vec, pointers,
+                       tuple(-(1 << 31) <= v < (1 << 31) for v in scalars))
+                native = self._native.get(key)
+                if native is not None and native.fits(scalars):
+                    code = native(grid, stream.cuda_stream, scalars)
+                    if code == 0:
+                        self.native_launches += 1
+                        self._after_launch(stream, slot)
+                        return
+                    # Not sticky (a launch that did not start): use Triton from now on.
+                    log.warning(
+                        "native kernel launch failed (%s); using Triton's launcher",
+                        native.driver.describe(code),
+                    )
+                    self._native[key] = None
+                    key = None
+            compiled = self._kernel[(grid,)](
                 u["cache"],
                 self._slot_arg(slot_base, slot_owner, unit),
                 u["plane_off"],
@@ -323,8 +359,14 @@ class FusedCopier:
                 TO_SLOT=to_slot,
                 num_warps=self.num_warps,
             )
-            event = None
-            if self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(stream)
-            self.ring.done_after(slot, event)
+            if key is not None and key not in self._native:
+                # (Oversized tables get a buffer of their own per launch: never native.)
+                self._native[key] = NativeLaunch.from_triton(compiled, pointers, len(scalars))
+            self._after_launch(stream, slot)
+
+    def _after_launch(self, stream, slot) -> None:
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(stream)
+        self.ring.done_after(slot, event)

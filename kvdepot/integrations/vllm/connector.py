@@ -159,7 +159,7 @@ class KVDepotConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
-        return self._worker.get_finished(finished_req_ids)
+        return self._worker.get_finished(finished_req_ids, self._meta())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self._worker is None:

@@ -4,7 +4,8 @@ Scheduler -> workers, once per step (``KVDepotMetadata``): the loads and stores 
 batched, each naming the chunk keys and the engine blocks. Keys are computed once, by the
 scheduler, so every TP rank uses the very same keys. A block id of -1 in a load means "this
 block of the chunk is already computed locally; do not write it" (a local prefix-cache hit
-that ends inside a chunk).
+that ends inside a chunk). A load also carries every rank's arena offsets from the
+scheduler's leased lookup, so a worker starts its copy without asking the server again.
 
 Workers -> scheduler, once at start-up (``KVDepotHandshake``, through vLLM's handshake
 metadata channel): the namespace the workers registered, read from their real KV tensors, so
@@ -28,10 +29,21 @@ class LoadSpec:
     req_id: str
     keys: bytes  # KEY_BYTES per chunk, in prefix order
     block_ids: list[int]  # blocks_per_chunk per chunk; -1: leave that block alone
+    # Arena offsets of the chunks' slots, rank-major (rank r: [r * n, (r + 1) * n)), valid in
+    # the server boot ``boot_id`` while the scheduler's lease holds. Empty: the worker asks the
+    # server itself (Acquire).
+    offsets: list[int] = field(default_factory=list)
+    boot_id: str = ""
 
     @property
     def num_chunks(self) -> int:
         return len(self.keys) // KEY_BYTES
+
+    def rank_offsets(self, rank: int) -> list[int] | None:
+        """This rank's offsets, one per chunk, or None when the scheduler sent none."""
+        n = self.num_chunks
+        mine = self.offsets[rank * n : (rank + 1) * n]
+        return mine if n and len(mine) == n else None
 
 
 @dataclass
@@ -53,6 +65,9 @@ class KVDepotMetadata(KVConnectorMetadata):
     # Requests preempted in this step: their blocks may be reused by this very step, so any
     # store still reading them must finish first. None: this vLLM does not say (wait for all).
     preempted: set[str] | None = None
+    # Nothing is computed in this step (every scheduled request waits for its loads): the
+    # workers may wait a little for loads in flight instead of letting the engine spin.
+    idle_step: bool = False
 
 
 @dataclass

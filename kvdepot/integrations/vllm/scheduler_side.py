@@ -9,8 +9,10 @@ Flow for one request:
    counts as a miss. The result is kept for the request, so vLLM's repeated calls (the request
    may wait for free blocks) cost nothing and take no second lease.
 2. ``update_state_after_alloc``: with the blocks vLLM allocated, a LoadSpec (keys + block ids;
-   -1 for blocks of a chunk that vLLM's prefix cache already holds). Loads are asynchronous:
-   the request waits in WAITING_FOR_REMOTE_KVS until every worker reports it in get_finished.
+   -1 for blocks of a chunk that vLLM's prefix cache already holds; every rank's slot offsets
+   from the lookup, so workers copy at once without a round trip of their own). Loads are
+   asynchronous: the request waits in WAITING_FOR_REMOTE_KVS until every worker reports it in
+   get_finished; the lookup's lease is released then, marked as read.
    A hit vLLM does not use (its own cache covers it, or it decided otherwise) releases its lease
    at once.
 3. ``build_connector_meta``: this step's loads, and stores for every whole prompt chunk whose
@@ -70,6 +72,8 @@ class _Lookup:
     lease: int
     epoch: int
     at: float
+    offsets: list[int] = field(default_factory=list)  # rank-major slot offsets of the hits
+    boot_id: str = ""  # the server boot the offsets belong to
 
 
 @dataclass
@@ -146,6 +150,8 @@ class SchedulerSide:
         self._reqs: dict[str, _Req] = {}
         self._new_loads: list[LoadSpec] = []
         self._to_release: list[int] = []
+        self._retrieved: list[int] = []  # of _to_release: leases whose chunks were loaded
+        self._orphan_loads: dict[str, int] = {}  # finished requests' loads still in flight
         self._down = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -319,7 +325,13 @@ class SchedulerSide:
             return self._lookup_failed(exc)
         self._server_back()
         self._drop_lookup(st)
-        st.lookup = _Lookup(st.pending_first, result.hit_chunks, result.lease, result.epoch, time.monotonic())
+        client = self._client
+        boot = client.boot_id if client is not None and client.epoch == result.epoch else None
+        st.lookup = _Lookup(
+            st.pending_first, result.hit_chunks, result.lease, result.epoch, time.monotonic(),
+            offsets=list(getattr(result, "offsets", ()) or ()) if boot else [],
+            boot_id=boot or "",
+        )
         return None
 
     def _lookup_failed(self, exc: KVDepotError) -> tuple[int, bool]:
@@ -387,13 +399,24 @@ class SchedulerSide:
             for i in range(c_lo * bpc, c_hi * bpc):
                 writable = local <= i * bs and (i + 1) * bs <= end and i < len(ids)
                 load_ids.append(ids[i] if writable else -1)
-            spec = LoadSpec(request.request_id, b"".join(keys), load_ids)
+            spec = LoadSpec(request.request_id, b"".join(keys), load_ids,
+                            offsets=self._load_offsets(res, c_lo, c_hi), boot_id=res.boot_id)
             st.load_lease = res.lease
             st.lookup = None  # the lease now belongs to the load
             st.stored_upto = max(st.stored_upto, c_hi)  # the server has these chunks
             self.counters["hit_tokens"] += num_external_tokens
         st.loading = True
         self._new_loads.append(spec)
+
+    def _load_offsets(self, res: _Lookup, c_lo: int, c_hi: int) -> list[int]:
+        """Every rank's offsets of chunks [c_lo, c_hi), rank-major, from the lookup's."""
+        world = self._spec.world_size if self._spec is not None else 1
+        hit = res.hit
+        if not res.offsets or len(res.offsets) != world * hit:
+            return []
+        return [
+            res.offsets[r * hit + (c - res.first)] for r in range(world) for c in range(c_lo, c_hi)
+        ]
 
     # --- per step ---------------------------------------------------------------------------
 
@@ -402,6 +425,7 @@ class SchedulerSide:
             chunk_tokens=self.chunk_tokens,
             loads=self._new_loads,
             preempted=_preempted(scheduler_output),
+            idle_step=getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0,
         )
         self._new_loads = []
         touched: list[tuple[_Req, int]] = []
@@ -455,8 +479,15 @@ class SchedulerSide:
             if st is not None and st.loading:
                 st.loading = False
                 if st.load_lease:
-                    self._to_release.append(st.load_lease)
+                    self._release_loaded(st.load_lease)
                     st.load_lease = 0
+            lease = self._orphan_loads.pop(req_id, 0)
+            if lease:
+                self._release_loaded(lease)
+
+    def _release_loaded(self, lease: int) -> None:
+        self._to_release.append(lease)
+        self._retrieved.append(lease)
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
         st = self._reqs.pop(request.request_id, None)
@@ -464,8 +495,9 @@ class SchedulerSide:
             return False, None
         self._drop_lookup(st)
         if st.load_lease:
-            # A load still in flight holds its own per-rank lease; this one can go.
-            self._to_release.append(st.load_lease)
+            # The workers may still be copying out of the leased slots: the lease goes when
+            # they report the load finished (or expires by its TTL).
+            self._orphan_loads[st.req_id] = st.load_lease
         # Keep the blocks while a store may still be reading them; every worker reports the
         # request in get_finished once its copies are done.
         return st.stores_planned > 0, None
@@ -474,8 +506,9 @@ class SchedulerSide:
         if not self._to_release or self._client is None:
             return
         leases, self._to_release = self._to_release, []
+        retrieved, self._retrieved = self._retrieved, []
         try:
-            self._client.release(leases)
+            self._client.release(leases, retrieved=retrieved)
         except KVDepotError as exc:
             # Leases of a restarted server are void anyway; others expire by their TTL.
             log.debug("kvdepot: releasing %d leases failed: %s", len(leases), exc)
@@ -489,6 +522,8 @@ class SchedulerSide:
 
     def close(self) -> None:
         self._closed = True
+        self._to_release.extend(self._orphan_loads.values())
+        self._orphan_loads.clear()
         self._release_leases()
         if self._client is not None:
             try:

@@ -3,12 +3,18 @@
 - ``register_kv_caches`` reads the paged layout from the tensors' shapes and strides
   (kvdepot.transfer.layout: any order of layers, blocks, heads and tokens, K/V split or side
   by side, MLA, CPU or GPU) and keeps the namespace spec for the scheduler's handshake.
-- Every server call and every copy runs on one background I/O thread per worker ("kvdepot-io"),
-  so the forward pass never waits for the server. Loads go before stores in its queue.
-- Loads (``start_load_kv``): acquire this rank's slots of the chunks (a per-rank lease), copy
-  them into the blocks, release. Chunks this rank could not get, and any error, become failed
-  blocks, reported through ``get_block_ids_with_load_errors`` no later than the step in which
-  the request is reported finished, so vLLM recomputes them instead of reading garbage.
+- Every server call runs on one background I/O thread per worker ("kvdepot-io"), so the
+  forward pass never waits for the server. Loads go before stores in its queue.
+- Loads (``start_load_kv``) on a GPU are enqueued right there, on the engine thread: the
+  scheduler's leased lookup already gave every rank's slot offsets, and the copy runs on the
+  transfer engine's own streams, ordered after the model's work; ``get_finished`` polls its
+  event. No thread hand-off sits between the copy and the report: each one can cost the
+  interpreter's 5 ms switch interval while the other thread runs Python, and did (20 ms of an
+  8k-token hit). Otherwise (CPU, no offsets, a server boot the arena is not mapped for) the
+  I/O thread loads: with the scheduler's offsets, or acquiring this rank's slots itself.
+  Chunks this rank could not get, and any error, become failed blocks, reported through
+  ``get_block_ids_with_load_errors`` no later than the step in which the request is reported
+  finished, so vLLM recomputes them instead of reading garbage.
 - Stores (``wait_for_save``, after the step's forward): reserve slots, copy the chunks' blocks
   into those the server marked RESERVED, commit. The scheduler keeps finished requests' blocks
   until ``get_finished`` reports their stores done; blocks of a preempted request may be reused
@@ -55,6 +61,17 @@ def _layer_sort_key(name: str) -> tuple:
 
 
 @dataclass
+class _InFlightLoad:
+    """A load enqueued on the GPU by the engine thread (see start_load_kv)."""
+
+    req_id: str
+    handle: Any  # None: nothing was enqueued (it failed to start)
+    chunks: int
+    nbytes: int
+    writable: list[int]  # the blocks it writes: all fail if the copy does
+
+
+@dataclass
 class _Job:
     kind: str  # "load" | "store"
     spec: LoadSpec | StoreSpec
@@ -92,6 +109,11 @@ class WorkerSide:
         self._ns: Namespace | None = None
         self._copier: BlockCopier | None = None
         self._copier_epoch = -1
+        # (server boot id, copier) the engine thread may enqueue loads on; swapped by the I/O
+        # thread under _copier_lock when the server restarts.
+        self._direct: tuple[str, BlockCopier] | None = None
+        self._copier_lock = threading.Lock()
+        self._inflight: list[_InFlightLoad] = []  # engine thread only
         self._next_connect = 0.0
         self._down = False
 
@@ -161,12 +183,42 @@ class WorkerSide:
     def start_load_kv(self, meta: KVDepotMetadata | None) -> None:
         if meta is None or not meta.loads:
             return
+        queued = [spec for spec in meta.loads if not self._load_now(spec, meta.chunk_tokens)]
+        if not queued:
+            return
         event = self._record_event()
         with self._cv:
-            for spec in meta.loads:
+            for spec in queued:
                 self._loading.add(spec.req_id)
                 self._loads.append(_Job("load", spec, meta.chunk_tokens, event))
             self._cv.notify_all()
+
+    def _load_now(self, spec: LoadSpec, chunk_tokens: int) -> bool:
+        """Enqueue a GPU load on this (the engine's) thread; False: the I/O thread must do it."""
+        direct = self._direct
+        offsets = spec.rank_offsets(self.rank)
+        if direct is None or offsets is None or spec.boot_id != direct[0]:
+            return False
+        copier = direct[1]
+        if copier.chunk_tokens != chunk_tokens:
+            return False
+        bpc = copier.bpc
+        chunks = [(off, spec.block_ids[i * bpc : (i + 1) * bpc]) for i, off in enumerate(offsets)]
+        with self._copier_lock:
+            if self._direct is not direct:
+                return False  # the server restarted just now: the I/O thread sorts it out
+            try:
+                # After the model's queued work (the current stream): vLLM may still be reading
+                # these blocks for their previous owner.
+                handle = copier.load(chunks)
+            except Exception as exc:  # noqa: BLE001 - a bad plan must not stop the engine
+                log.warning("kvdepot: load for %s could not start: %r", spec.req_id, exc)
+                handle = None
+        n = len(chunks)
+        self._inflight.append(
+            _InFlightLoad(spec.req_id, handle, n, n * copier.slot_bytes, _writable(spec))
+        )
+        return True
 
     def wait_for_save(self, meta: KVDepotMetadata | None) -> None:
         if meta is None or not meta.stores:
@@ -179,19 +231,25 @@ class WorkerSide:
                 self._stores.append(_Job("store", spec, meta.chunk_tokens, event))
             self._cv.notify_all()
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+    def get_finished(
+        self, finished_req_ids: set[str], meta: KVDepotMetadata | None = None
+    ) -> tuple[set[str] | None, set[str] | None]:
         with self._cv:
-            # Give loads in flight a few milliseconds, waiting on the condition: the engine
-            # thread otherwise keeps the GIL busy stepping, and each time the I/O thread
-            # gives the GIL up (a socket wait, a memcpy) it waits up to the interpreter's 5 ms
-            # switch interval to get it back; a 32 MiB load took 1.3 s that way, 10 ms this way.
-            if self._loading and self.settings.load_wait_ms > 0:
+            # In a step that computes nothing (the requests wait for their loads), wait a few
+            # milliseconds for loads in flight instead of returning at once: the engine would
+            # otherwise spin empty steps holding the GIL, and each time the I/O thread gives
+            # the GIL up it waits up to the 5 ms switch interval to get it back (a 32 MiB load
+            # took 1.3 s that way, 10 ms this way). A step with work never waits.
+            idle = meta is None or meta.idle_step
+            if idle and self.settings.load_wait_ms > 0 and (self._inflight or self._loading):
                 deadline = time.monotonic() + self.settings.load_wait_ms / 1000.0
-                while len(self._done_loads) < len(self._loading):
+                while self._loads_pending():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    self._cv.wait(timeout=left)
+                    # GPU loads are polled (their events); the I/O thread's notify wakes us.
+                    self._cv.wait(timeout=min(left, 2e-4) if self._inflight else left)
+            self._reap_inflight()
             recving = set()
             for req_id, failed in self._done_loads:
                 recving.add(req_id)
@@ -208,6 +266,37 @@ class WorkerSide:
                 self._store_pending.pop(r, None)
                 self._cancelled.discard(r)
         return (sending or None), (recving or None)
+
+    def _loads_pending(self) -> bool:
+        self._reap_inflight()
+        if self._inflight:
+            return True
+        done = {req_id for req_id, _ in self._done_loads}
+        return any(req_id not in done for req_id in self._loading)
+
+    def _reap_inflight(self) -> None:
+        """Move finished GPU loads to _done_loads (engine thread, under _cv)."""
+        if not self._inflight:
+            return
+        still = []
+        for load in self._inflight:
+            ok = load.handle is not None
+            if ok:
+                try:
+                    if not load.handle.done():
+                        still.append(load)
+                        continue
+                except Exception as exc:  # noqa: BLE001 - a failed copy is a failed load
+                    log.warning("kvdepot: load for %s failed: %r", load.req_id, exc)
+                    ok = False
+            failed = [] if ok else load.writable
+            if ok:
+                self.counters["loaded_chunks"] += load.chunks
+                self.counters["loaded_bytes"] += load.nbytes
+            else:
+                self.counters["load_failed_blocks"] += len(failed)
+            self._done_loads.append((load.req_id, failed))
+        self._inflight = still
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._cv:
@@ -311,6 +400,7 @@ class WorkerSide:
                         raise
             if self._ns is not None:
                 self._server_back()
+                self._prepare_copier()
                 log.info(
                     "kvdepot: rank %d registered at %s (namespace %s, %d B per chunk)",
                     self.rank, self.settings.endpoint, self._ns.digest.hex()[:12], self._ns.slot_bytes,
@@ -339,15 +429,26 @@ class WorkerSide:
             self._down = False
             log.info("kvdepot: rank %d: server at %s is back", self.rank, self.settings.endpoint)
 
+    def _prepare_copier(self) -> None:
+        """Map and start pinning the arena now, at registration, not at the first load."""
+        assert self._client is not None
+        try:
+            self._copier_for(self._client.epoch)
+        except Exception as exc:  # noqa: BLE001 - the first transfer tries again
+            log.warning("kvdepot: rank %d could not prepare the transfer engine: %r", self.rank, exc)
+
     def _copier_for(self, epoch: int) -> BlockCopier:
         """The copier over the arena of server boot ``epoch`` (raises if that boot is gone)."""
         assert self._client is not None and self.layout is not None and self._ns is not None
         if self._copier is None or self._copier_epoch != epoch:
             arena = self._client.arena(epoch).tensor()
-            if self._copier is not None:
-                self._copier.close()
-            self._copier = BlockCopier(self.layout, arena, self._ns.chunk_tokens)
-            self._copier_epoch = epoch
+            boot = self._client.boot_id or ""
+            copier = BlockCopier(self.layout, arena, self._ns.chunk_tokens)
+            with self._copier_lock:  # no engine-thread load is being enqueued on the old one
+                old, self._copier, self._copier_epoch = self._copier, copier, epoch
+                self._direct = (boot, copier) if self.layout.device.type == "cuda" else None
+            if old is not None:
+                old.close()  # waits for its copies in flight before unpinning
         return self._copier
 
     def _usable(self, job: _Job) -> bool:
@@ -376,23 +477,28 @@ class WorkerSide:
         loaded = 0
         try:
             _t0 = time.perf_counter()
-            acq = _once_more_on_new_session(
-                lambda: client.acquire(ns, self.rank, keys, lease_ms=self.settings.lease_ms)
-            )
+            offsets = spec.rank_offsets(self.rank)
+            if offsets is not None and spec.boot_id and spec.boot_id == client.boot_id:
+                epoch = client.epoch  # the scheduler's lease holds the slots
+            else:
+                acq = _once_more_on_new_session(
+                    lambda: client.acquire(ns, self.rank, keys, lease_ms=self.settings.lease_ms)
+                )
+                lease, offsets, epoch = acq.lease, acq.offsets, acq.epoch
             _t1 = time.perf_counter()
-            lease = acq.lease
-            copier = self._copier_for(acq.epoch)
+            copier = self._copier_for(epoch)
             if job.event is not None:
                 job.event.synchronize()
             chunks = [
-                (off, spec.block_ids[i * bpc : (i + 1) * bpc]) for i, off in enumerate(acq.offsets)
+                (off, spec.block_ids[i * bpc : (i + 1) * bpc]) for i, off in enumerate(offsets)
             ]
             if chunks:
                 copier.load(chunks).wait()
             loaded = len(chunks)
             log.debug(
-                "kvdepot: load %s: %d/%d chunks, acquire %.1f ms, copy %.1f ms", spec.req_id,
-                loaded, len(keys), (_t1 - _t0) * 1e3, (time.perf_counter() - _t1) * 1e3,
+                "kvdepot: load %s: %d/%d chunks, slots %s in %.1f ms, copy %.1f ms", spec.req_id,
+                loaded, len(keys), "acquired" if lease else "from the scheduler", (_t1 - _t0) * 1e3,
+                (time.perf_counter() - _t1) * 1e3,
             )
         except ServerRestarted:
             lease = 0  # void with the old boot

@@ -1,0 +1,62 @@
+"""Real vLLM on a CUDA GPU with the kvdepot connector: loaded KV is bit-identical.
+
+Runs on the GPU machine (vLLM's CUDA build); skipped elsewhere. A seeded random checkpoint
+(vllm_support.write_tiny_llama), so that wrong KV would move the log-probabilities.
+
+The comparison that leaves no tolerance: a prompt of whole chunks plus one token. Engine A
+computes it, then serves it again from vLLM's own GPU prefix cache (the whole chunks cached,
+one token computed). Engine B, a fresh process, loads the same whole chunks from kvdepot and
+computes the same one token. Same cached length, same batch shape, same kernels: if the bytes
+that came back through the arena are the bytes engine A computed, B's tokens and
+log-probabilities equal A's second run exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU and vLLM's CUDA build", allow_module_level=True)
+
+sys.path.insert(0, os.path.dirname(__file__))
+import vllm_support as vs  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+CHUNK = 256
+WHOLE = 8 * CHUNK
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # Deeper than the CPU tests' model: more layers whose KV must all come back right.
+    return vs.write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-gpu"), seed=0,
+                               num_hidden_layers=8)
+
+
+def test_second_process_on_gpu_gets_bit_identical_kv(model):
+    prompt = vs.random_prompt(WHOLE + 1, seed=11)
+    rnd = {"prompts": [prompt], "max_tokens": 16}
+    with vs.KVDepotServer(cpu_buffer_gb=1.0) as srv:
+        cfg = vs.kvdepot_transfer_config(srv.port)
+        first = vs.run_engine(model, [rnd, rnd], kv_transfer_config=cfg,
+                              kv_cache_memory_bytes=256 << 20)
+        computed, gpu_hit = (r["outputs"][0] for r in first["rounds"])
+        assert computed["num_cached_tokens"] == 0
+        assert gpu_hit["num_cached_tokens"] == WHOLE
+        assert srv.stats().stored_chunks == WHOLE // CHUNK
+
+        second = vs.run_engine(model, [rnd], kv_transfer_config=cfg,
+                               kv_cache_memory_bytes=256 << 20)
+        loaded = second["rounds"][0]["outputs"][0]
+        assert loaded["num_cached_tokens"] == WHOLE
+        assert loaded["tokens"] == gpu_hit["tokens"]
+        assert loaded["logprobs"] == gpu_hit["logprobs"]
+        stats = srv.stats()
+        assert stats.retrieved_chunks == WHOLE // CHUNK
+        assert stats.leases_held == 0
