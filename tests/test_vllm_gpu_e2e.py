@@ -40,23 +40,27 @@ def model(tmp_path_factory):
 
 
 def test_second_process_on_gpu_gets_bit_identical_kv(model):
-    prompt = vs.random_prompt(WHOLE + 1, seed=11)
-    rnd = {"prompts": [prompt], "max_tokens": 16}
+    # Three prompts, one generate call each: the transfer engine's later calls take the native
+    # kernel launch (its first call per staging buffer goes through Triton's launcher).
+    prompts = [vs.random_prompt(WHOLE + 1, seed=11 + i) for i in range(3)]
+    rounds = [{"prompts": [p], "max_tokens": 16} for p in prompts]
     with vs.KVDepotServer(cpu_buffer_gb=1.0) as srv:
         cfg = vs.kvdepot_transfer_config(srv.port)
-        first = vs.run_engine(model, [rnd, rnd], kv_transfer_config=cfg,
+        first = vs.run_engine(model, rounds + rounds, kv_transfer_config=cfg,
                               kv_cache_memory_bytes=256 << 20)
-        computed, gpu_hit = (r["outputs"][0] for r in first["rounds"])
-        assert computed["num_cached_tokens"] == 0
-        assert gpu_hit["num_cached_tokens"] == WHOLE
-        assert srv.stats().stored_chunks == WHOLE // CHUNK
+        outs = [r["outputs"][0] for r in first["rounds"]]
+        computed, gpu_hits = outs[:3], outs[3:]
+        assert all(o["num_cached_tokens"] == 0 for o in computed)
+        assert all(o["num_cached_tokens"] == WHOLE for o in gpu_hits)
+        assert srv.stats().stored_chunks == 3 * WHOLE // CHUNK
 
-        second = vs.run_engine(model, [rnd], kv_transfer_config=cfg,
+        second = vs.run_engine(model, rounds, kv_transfer_config=cfg,
                                kv_cache_memory_bytes=256 << 20)
-        loaded = second["rounds"][0]["outputs"][0]
-        assert loaded["num_cached_tokens"] == WHOLE
-        assert loaded["tokens"] == gpu_hit["tokens"]
-        assert loaded["logprobs"] == gpu_hit["logprobs"]
+        for rnd, gpu_hit in zip(second["rounds"], gpu_hits):
+            loaded = rnd["outputs"][0]
+            assert loaded["num_cached_tokens"] == WHOLE
+            assert loaded["tokens"] == gpu_hit["tokens"]
+            assert loaded["logprobs"] == gpu_hit["logprobs"]
         stats = srv.stats()
-        assert stats.retrieved_chunks == WHOLE // CHUNK
+        assert stats.retrieved_chunks == 3 * WHOLE // CHUNK
         assert stats.leases_held == 0
