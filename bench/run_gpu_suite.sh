@@ -34,7 +34,8 @@ for s in $stages; do
     e2e) stage vllm_gpu_e2e 240 python3 -m pytest tests/test_vllm_gpu_e2e.py -q -x -p no:cacheprovider ;;
     transfer) stage gpu_transfer 200 python3 bench/gpu_transfer.py --out "$out/gpu_transfer.json" ;;
     ttft) stage vllm_gpu_ttft 420 python3 bench/vllm_gpu_ttft.py --repeat 5 --buffer-gb 60 \
-            --modes kvdepot-store kvdepot-load offload --out "$out/vllm_gpu_ttft.json" ;;
+            --modes kvdepot-store kvdepot-load kvdepot-load-async offload \
+            --out "$out/vllm_gpu_ttft.json" ;;
     ttft-trace) stage vllm_gpu_ttft_trace 300 python3 bench/vllm_gpu_ttft.py --repeat 3 \
             --buffer-gb 60 --modes kvdepot-store kvdepot-load kvdepot-load-trace \
             --out "$out/vllm_gpu_ttft_trace.json" ;;

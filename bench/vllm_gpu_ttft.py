@@ -5,7 +5,10 @@ dummy weights: fine for timing). In one run, for each prompt length:
 - recompute: a fresh prompt in a warm engine;
 - GPU prefix-cache hit: the same prompt again in that engine;
 - kvdepot hit: the same prompt in a *second engine process* that never saw it, loading the
-  chunks the first engine stored in the kvdepot server (both processes exit in between);
+  chunks the first engine stored in the kvdepot server (both processes exit in between); with
+  the connector's default load_mode "auto" an idle engine loads synchronously (the copy is
+  stream-ordered before the request's forward); mode kvdepot-load-async forces the
+  asynchronous path a busy engine takes (the request waits a step for the copy);
 - OffloadingConnector hit: vLLM's own CPU offloading, same prompt after a prefix-cache reset;
 - the pinned-copy ceiling: bytes of the prompt's KV over the measured host->GPU pinned rate.
 Each TTFT is the wall time of generate(max_tokens=1), median of --repeat runs on distinct
@@ -83,6 +86,9 @@ def engine_main(args: argparse.Namespace) -> None:
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"kvdepot.host": "127.0.0.1", "kvdepot.port": args.port},
         }
+        if args.mode == "kvdepot-load-async":  # the load path a busy engine takes
+            kw["kv_transfer_config"]["kv_connector_extra_config"]["kvdepot.load_mode"] = "async"
+            args.mode = "kvdepot-load"
     elif args.mode == "offload":
         kw["kv_transfer_config"] = {
             "kv_connector": "OffloadingConnector",
@@ -269,8 +275,10 @@ def main() -> None:
     print(f"\n{'tokens':>7} {'what':<34}{'TTFT ms':>9}{'cached':>8}")
     for length in args.lengths:
         row = {}
-        for key in ("recompute", "gpu_prefix_hit", "kvdepot_hit", "offload_hit"):
-            samples = raw.get(f"{key}_{length}")
+        for key in ("recompute", "gpu_prefix_hit", "kvdepot_hit", "kvdepot_hit-async",
+                    "kvdepot_hit-trace", "offload_hit"):
+            base, _, variant = key.partition("-")
+            samples = raw.get(f"{base}_{length}" + (f"-{variant}" if variant else ""))
             if samples:
                 row[key] = statistics.median(s[0] for s in samples) * 1e3
                 print(f"{length:>7} {key:<34}{row[key]:9.1f}{samples[0][1]:8d}")

@@ -24,6 +24,7 @@ from kvdepot.integrations.vllm.metadata import KVDepotMetadata, LoadSpec, StoreS
 from kvdepot.integrations.vllm.scheduler_side import SchedulerSide  # noqa: E402
 from kvdepot.integrations.vllm.stats import KVDepotStats  # noqa: E402
 from kvdepot.integrations.vllm.worker_side import WorkerSide  # noqa: E402
+from kvdepot.protocol import KEY_BYTES  # noqa: E402
 
 BS = 16  # engine block size (GPU-like), 16 blocks per 256-token chunk
 NUM_BLOCKS = 96
@@ -61,6 +62,7 @@ def make_worker(port, kv, rank=0, world=2, **kw):
 
 
 def make_scheduler(port, spec, **kw):
+    kw.setdefault("load_mode", "async")  # most tests follow the asynchronous path
     s = SchedulerSide(settings(port, **kw), block_size=BS, engine_id=f"unit-{os.getpid()}")
     s.set_namespace_spec(spec)
     deadline = time.monotonic() + 10
@@ -307,6 +309,58 @@ def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
     assert not kv_b["model.layers.0.self_attn.attn"][72:104].any()
     for x in (wa, wb):
         x.shutdown()
+    sched.close()
+
+
+def test_sync_load_when_alone_lands_before_the_step_and_reports_nothing(server):
+    kv_a = cpu_kv(31)
+    wa = make_worker(server.port, kv_a, world=1)
+    sched_a = make_scheduler(server.port, wa.spec)
+    tokens = vs.random_prompt(512, seed=31)
+    r = Req(tokens)
+    lookup_until_answered(sched_a, r)
+    save(wa, sched_a.build_connector_meta(sched_output([(r, range(32), 0, 512)])))
+
+    kv_b = cpu_kv(0, zero=True)
+    wb = make_worker(server.port, kv_b, world=1)
+    sched = make_scheduler(server.port, wb.spec, load_mode="auto")
+    before = server.stats()
+    req = Req(tokens)
+    # Alone: synchronous (vLLM schedules it at once; the copy lands before its forward). The
+    # whole prompt is cached, but vLLM computes one token itself: one less is offered, the
+    # whole last block is still loaded.
+    assert lookup_until_answered(sched, req) == (511, False)
+    target = list(range(40, 72))
+    sched.update_state_after_alloc(req, blocks_of(target), 511)
+    meta = sched.build_connector_meta(sched_output([(req, target, 511, 1)]))
+    assert meta.loads[0].sync and meta.loads[0].block_ids == target
+    wb.start_load_kv(meta)  # returns once the bytes are in the blocks
+    for got, want in zip(layer_blocks(kv_b, target), layer_blocks(kv_a, range(32))):
+        assert torch.equal(got, want)
+    assert wb.get_block_ids_with_load_errors() == set()
+    assert wb.get_finished(set(), meta) == (None, None)  # nothing waits for a report
+    assert wb.counters["loaded_chunks"] == 2
+    # Its lease is held while the request lives, released as read when it finishes.
+    assert server.stats().leases_held == before.leases_held + 1
+    # A second request while the first still runs: asynchronous, so the first never waits.
+    other = Req(tokens)
+    assert lookup_until_answered(sched, other) == (512, True)
+    assert sched.request_finished(other, []) == (False, None)
+    assert sched.request_finished(req, target) == (False, None)
+    sched.build_connector_meta(sched_output())
+    after = server.stats()
+    assert after.leases_held == before.leases_held
+    assert after.retrieved_chunks == before.retrieved_chunks + 2
+
+    # A synchronous load the server cannot serve (chunks it never had): its blocks come back
+    # with the same step, for vLLM to recompute, and nothing is written.
+    bad = LoadSpec("bad", bytes(2 * KEY_BYTES), list(range(0, 32)), sync=True)
+    wb.start_load_kv(KVDepotMetadata(chunk_tokens=256, loads=[bad]))
+    assert wb.get_block_ids_with_load_errors() == set(range(0, 32))
+    assert not kv_b["model.layers.0.self_attn.attn"][0:32].any()
+    for x in (wa, wb):
+        x.shutdown()
+    sched_a.close()
     sched.close()
 
 

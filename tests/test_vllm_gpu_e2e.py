@@ -39,28 +39,42 @@ def model(tmp_path_factory):
                                num_hidden_layers=8)
 
 
-def test_second_process_on_gpu_gets_bit_identical_kv(model):
-    # Three prompts, one generate call each: the transfer engine's later calls take the native
-    # kernel launch (its first call per staging buffer goes through Triton's launcher).
-    prompts = [vs.random_prompt(WHOLE + 1, seed=11 + i) for i in range(3)]
-    rounds = [{"prompts": [p], "max_tokens": 16} for p in prompts]
+PROMPTS = [vs.random_prompt(WHOLE + 1, seed=11 + i) for i in range(3)]
+ROUNDS = [{"prompts": [p], "max_tokens": 16} for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def stored(model):
+    """A server holding the prompts' KV, and engine A's outputs when vLLM's own GPU prefix
+    cache served them (the whole chunks cached, one token computed)."""
     with vs.KVDepotServer(cpu_buffer_gb=1.0) as srv:
         cfg = vs.kvdepot_transfer_config(srv.port)
-        first = vs.run_engine(model, rounds + rounds, kv_transfer_config=cfg,
+        first = vs.run_engine(model, ROUNDS + ROUNDS, kv_transfer_config=cfg,
                               kv_cache_memory_bytes=256 << 20)
         outs = [r["outputs"][0] for r in first["rounds"]]
         computed, gpu_hits = outs[:3], outs[3:]
         assert all(o["num_cached_tokens"] == 0 for o in computed)
         assert all(o["num_cached_tokens"] == WHOLE for o in gpu_hits)
         assert srv.stats().stored_chunks == 3 * WHOLE // CHUNK
+        yield srv, gpu_hits
 
-        second = vs.run_engine(model, rounds, kv_transfer_config=cfg,
-                               kv_cache_memory_bytes=256 << 20)
-        for rnd, gpu_hit in zip(second["rounds"], gpu_hits):
-            loaded = rnd["outputs"][0]
-            assert loaded["num_cached_tokens"] == WHOLE
-            assert loaded["tokens"] == gpu_hit["tokens"]
-            assert loaded["logprobs"] == gpu_hit["logprobs"]
-        stats = srv.stats()
-        assert stats.retrieved_chunks == 3 * WHOLE // CHUNK
-        assert stats.leases_held == 0
+
+# "auto" loads synchronously in an idle engine (the copy stream-ordered before the forward);
+# "async" is the path of a busy engine (the request waits in WAITING_FOR_REMOTE_KVS).
+@pytest.mark.parametrize("load_mode", ["auto", "async"])
+def test_second_process_on_gpu_gets_bit_identical_kv(model, stored, load_mode):
+    # Three prompts, one generate call each: the transfer engine's later calls take the native
+    # kernel launch (its first call per staging buffer goes through Triton's launcher).
+    srv, gpu_hits = stored
+    before = srv.stats()
+    cfg = vs.kvdepot_transfer_config(srv.port, **{"kvdepot.load_mode": load_mode})
+    second = vs.run_engine(model, ROUNDS, kv_transfer_config=cfg,
+                           kv_cache_memory_bytes=256 << 20)
+    for rnd, gpu_hit in zip(second["rounds"], gpu_hits):
+        loaded = rnd["outputs"][0]
+        assert loaded["num_cached_tokens"] == WHOLE
+        assert loaded["tokens"] == gpu_hit["tokens"]
+        assert loaded["logprobs"] == gpu_hit["logprobs"]
+    stats = srv.stats()
+    assert stats.retrieved_chunks - before.retrieved_chunks == 3 * WHOLE // CHUNK
+    assert stats.leases_held == 0

@@ -47,6 +47,9 @@ class Completed:
     def wait(self) -> None:
         return None
 
+    def stream_wait(self, stream=None) -> None:
+        return None
+
 
 def check_engine_args(
     engine: str, device_type: str, layout: "PagedLayout", arena: "torch.Tensor", chunk_tokens: int

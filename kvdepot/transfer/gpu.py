@@ -176,13 +176,15 @@ class _GpuTransfer:
         self._pin: ArenaPin | None = (
             pin_arena(arena, self.device, background=background_pin) if pin else None
         )
+        self.rt = cuda_runtime()
         with torch.cuda.device(self.device):
             self.store_stream = torch.cuda.Stream(self.device)
             self.load_stream = torch.cuda.Stream(self.device)
+            # One per direction, re-recorded per call: a wait captures the event's state when
+            # it is enqueued, so reuse is safe. Raw CUDA events: the hot path's few
+            # records and waits cost ~1 us each through ctypes, ~5 us through torch.
+            self._fence = {True: self.rt.event_create(), False: self.rt.event_create()}
         self.timing = timing
-        # One per direction, re-recorded per call: a wait captures the event's state when it
-        # is enqueued, so reuse is safe (calls of one direction come from one thread).
-        self._fence = {True: torch.cuda.Event(), False: torch.cuda.Event()}
         # Calls of one direction may come from two threads (vLLM's engine thread enqueues
         # loads, the connector's I/O thread its fallback loads): one at a time per direction.
         self._direction_lock = {True: threading.Lock(), False: threading.Lock()}
@@ -205,6 +207,8 @@ class _GpuTransfer:
         self._closed = True
         self.store_stream.synchronize()
         self.load_stream.synchronize()
+        for event in self._fence.values():
+            self.rt.event_destroy(event)
         if self._pin is not None:
             release_arena(self._pin)
             self._pin = None
@@ -232,17 +236,21 @@ class _GpuTransfer:
         return self._submit(chunks, False, after)
 
     def _validate(self, chunks: Sequence[ChunkCopy]) -> tuple[np.ndarray, np.ndarray]:
+        # Plain Python on the lists: for the usual few chunks it is several times cheaper than
+        # numpy's reductions, and this runs before the first byte moves.
         bpc = self.blocks_per_chunk
+        slots = [c.slot_offset for c in chunks]
+        ids = []
         for chunk in chunks:
             if len(chunk.block_ids) != bpc:
                 raise ValueError(f"a chunk needs {bpc} block ids, got {len(chunk.block_ids)}")
-        slots = np.fromiter((c.slot_offset for c in chunks), dtype=np.int64, count=len(chunks))
-        bids = np.array([list(c.block_ids) for c in chunks], dtype=np.int64).reshape(-1, bpc)
-        if slots.min() < 0 or slots.max() + self.slot_bytes > self.arena.numel():
+            ids.extend(chunk.block_ids)
+        if min(slots) < 0 or max(slots) + self.slot_bytes > self.arena.numel():
             raise ValueError("a slot lies outside the arena")
-        if bids.min() < 0 or bids.max() >= self.layout.num_blocks:
+        if min(ids) < 0 or max(ids) >= self.layout.num_blocks:
             raise ValueError("block id out of range")
-        return slots, bids
+        return (np.array(slots, dtype=np.int64),
+                np.array(ids, dtype=np.int64).reshape(len(chunks), bpc))
 
     def _submit(
         self, chunks: Sequence[ChunkCopy], to_slot: bool, after: torch.cuda.Stream | None
@@ -266,20 +274,20 @@ class _GpuTransfer:
         stream = self.store_stream if to_slot else self.load_stream
         producer = after or torch.cuda.current_stream(self.device)
         fence = self._fence[to_slot]
-        fence.record(producer)
-        stream.wait_event(fence)
+        self.rt.record(fence, producer.cuda_stream)
+        self.rt.wait(stream.cuda_stream, fence)
         start = None
         if self.timing:
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-        keep = self._enqueue(to_slot, slots, bids, stream, fence)
+        last = self._enqueue(to_slot, slots, bids, stream, fence) or stream
         event = torch.cuda.Event(enable_timing=self.timing)
-        event.record(stream)
-        return GpuHandle(event, keep, n_chunks * self.slot_bytes, self.device, start)
+        event.record(last)
+        return GpuHandle(event, None, n_chunks * self.slot_bytes, self.device, start)
 
-    def _enqueue(self, to_slot: bool, slots, bids, stream, fence) -> object:
-        """Enqueue the copy (after ``fence``, the producer's work) so that ``stream`` is
-        ordered after all of it on return."""
+    def _enqueue(self, to_slot: bool, slots, bids, stream, fence) -> torch.cuda.Stream | None:
+        """Enqueue the copy on ``stream`` (already after ``fence``, the producer's work);
+        returns the stream whose end covers all of it, None for ``stream``."""
         raise NotImplementedError
 
 
@@ -306,7 +314,6 @@ class DmaTransfer(_GpuTransfer):
 
     def __init__(self, *args, batch: bool | None = None, **kw):
         super().__init__(*args, **kw)
-        self.rt = cuda_runtime()
         self.use_batch = self.rt.has_batch_memcpy if batch is None else batch
         if self.use_batch and not self.rt.has_batch_memcpy:
             raise RuntimeError(f"cudaMemcpyBatchAsync needs CUDA >= 12.8 (runtime {self.rt.version})")
@@ -367,18 +374,22 @@ class TritonTransfer(_GpuTransfer):
             )
 
     def _enqueue(self, to_slot, slots, bids, stream, fence):
-        # The host address: Triton's launcher maps it to the device address of the mapped
+        # The host address: the launch maps it to the device address of the mapped
         # registration (the same value under UVA).
-        with torch.cuda.stream(stream):
-            self.copier.launch(
-                to_slot=to_slot,
-                slot_base=self.arena.data_ptr(),
-                slot_owner=self.arena,
-                slot_offsets=slots,
-                block_ids=bids,
-                stream=stream,
-            )
+        self.copier.launch(
+            to_slot=to_slot,
+            slot_base=self.arena.data_ptr(),
+            slot_owner=self.arena,
+            slot_offsets=slots,
+            block_ids=bids,
+            stream=stream,
+        )
         return None
+
+    def close(self) -> None:
+        if not self._closed:
+            super().close()
+            self.copier.close()
 
 
 class StagedTritonTransfer(TritonTransfer):
@@ -401,7 +412,6 @@ class StagedTritonTransfer(TritonTransfer):
             # Short device-to-device bursts: a wide grid finishes them at HBM speed.
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.copier.max_programs = 4 * sms
-        self.rt = cuda_runtime()
         total = staging_bytes if staging_bytes is not None else 256 << 20
         self.staging_chunks = max(1, total // (2 * self.slot_bytes))
         n = self.staging_chunks * self.slot_bytes
@@ -414,17 +424,19 @@ class StagedTritonTransfer(TritonTransfer):
                 d: [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(2)]
                 for d in (True, False)
             }
-        # Per direction and buffer: "filled" (gather or DMA-in done) and "free" (its contents
-        # consumed) events, re-recorded on each use.
-        self._filled = {d: [torch.cuda.Event(), torch.cuda.Event()] for d in (True, False)}
-        self._freed = {d: [torch.cuda.Event(), torch.cuda.Event()] for d in (True, False)}
+            # Per direction and buffer: "filled" (gather or DMA-in done) and "freed" (its
+            # contents consumed) events, re-recorded on each use.
+            self._filled = {d: [self.rt.event_create() for _ in range(2)] for d in (True, False)}
+            self._freed = {d: [self.rt.event_create() for _ in range(2)] for d in (True, False)}
         self._used = {d: [False, False] for d in (True, False)}
         self._next = {True: 0, False: 0}
         self._offsets = np.arange(self.staging_chunks, dtype=np.int64) * self.slot_bytes
 
     def _enqueue(self, to_slot, slots, bids, stream, fence):
         kstream = self.kernel_streams[to_slot]
-        kstream.wait_event(fence)
+        rt = self.rt
+        kernel_stream = kstream.cuda_stream
+        rt.wait(kernel_stream, fence)
         arena = self.arena.data_ptr()
         copy_stream = stream.cuda_stream
         sb = self.slot_bytes
@@ -443,38 +455,38 @@ class StagedTritonTransfer(TritonTransfer):
             self._used[to_slot][b] = True
             if to_slot:
                 if reuse:
-                    kstream.wait_event(freed)  # its last DMA out has read it
-                with torch.cuda.stream(kstream):
-                    self.copier.launch(to_slot=True, slot_base=base, slot_owner=buf,
-                                       slot_offsets=offs, block_ids=gb, stream=kstream)
-                filled.record(kstream)
-                stream.wait_event(filled)
+                    rt.wait(kernel_stream, freed)  # its last DMA out has read it
+                self.copier.launch(to_slot=True, slot_base=base, slot_owner=buf,
+                                   slot_offsets=offs, block_ids=gb, stream=kstream)
+                rt.record(filled, kernel_stream)
+                rt.wait(copy_stream, filled)
                 for off, so in zip(gs.tolist(), offs.tolist()):
                     code = memcpy(arena + off, base + so, sb, 4, copy_stream)
                     if code:
-                        self.rt.check(code, "cudaMemcpyAsync")
-                freed.record(stream)
+                        rt.check(code, "cudaMemcpyAsync")
+                rt.record(freed, copy_stream)
             else:
                 if reuse:
-                    stream.wait_event(freed)  # its last scatter has read it
+                    rt.wait(copy_stream, freed)  # its last scatter has read it
                 for off, so in zip(gs.tolist(), offs.tolist()):
                     code = memcpy(base + so, arena + off, sb, 4, copy_stream)
                     if code:
-                        self.rt.check(code, "cudaMemcpyAsync")
-                filled.record(stream)
-                kstream.wait_event(filled)
-                with torch.cuda.stream(kstream):
-                    self.copier.launch(to_slot=False, slot_base=base, slot_owner=buf,
-                                       slot_offsets=offs, block_ids=gb, stream=kstream)
-                freed.record(kstream)
-        if not to_slot:
-            stream.wait_stream(kstream)  # the handle's event then covers the scatters
-        return None
+                        rt.check(code, "cudaMemcpyAsync")
+                rt.record(filled, copy_stream)
+                rt.wait(kernel_stream, filled)
+                self.copier.launch(to_slot=False, slot_base=base, slot_owner=buf,
+                                   slot_offsets=offs, block_ids=gb, stream=kstream)
+                rt.record(freed, kernel_stream)
+        # A load ends with its last scatter, after every DMA in and every earlier scatter.
+        return None if to_slot else kstream
 
     def close(self) -> None:
         if not self._closed:
             for s in self.kernel_streams.values():
                 s.synchronize()
+            for events in (*self._filled.values(), *self._freed.values()):
+                for event in events:
+                    self.rt.event_destroy(event)
         super().close()
 
 

@@ -23,6 +23,7 @@ Triton is optional: this module imports it, so import it only where triton is in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kvdepot.transfer.native_launch import NativeLaunch
+from kvdepot.transfer.pinning import cuda_runtime
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,11 @@ def _pick_tile(piece_units: int, max_tile: int) -> int:
     return best
 
 
+def _on(stream):
+    """torch's current-stream context for ``stream``; nothing without one (CPU)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 class _TableRing:
     """Per-launch tables in pinned host memory, read by the kernel over UVA.
 
@@ -172,7 +179,10 @@ class _TableRing:
         self.slots = slots
         self.slot_entries = slot_entries
         self.next = 0
-        self.events: list = [None] * slots
+        # One reusable CUDA event per slot (raw handles: a torch event per launch cost ~5 us).
+        self.rt = cuda_runtime() if self.on_gpu else None
+        self.events = [self.rt.event_create() for _ in range(slots)] if self.rt else []
+        self.in_flight = [False] * slots
         self.large: list = []  # (tensors, event) of oversized tables still in flight
         self._moved = None
         self.lock = threading.Lock()
@@ -201,18 +211,33 @@ class _TableRing:
             return _pointer(t.data_ptr(), t, torch.int64), 0, t.numpy(), t
         i = self.next
         self.next = (i + 1) % self.slots
-        ev = self.events[i]
-        if ev is not None and not ev.query():
-            ev.synchronize()
+        if self.in_flight[i]:
+            if not self.rt.query(self.events[i]):
+                self.rt.synchronize(self.events[i])
+            self.in_flight[i] = False
         start = i * self.slot_entries
         return self.arg, start, self.array[start : start + n], i
 
-    def done_after(self, slot, event) -> None:
+    def done_after(self, slot, stream) -> None:
+        """The launch that reads ``slot`` is enqueued on ``stream`` (None: ran already)."""
         if isinstance(slot, int):
-            self.events[slot] = event
-        else:
-            self.large.append(((slot, self._moved), event))
-            self._moved = None
+            if self.rt is not None and stream is not None:
+                self.rt.record(self.events[slot], stream.cuda_stream)
+                self.in_flight[slot] = True
+            return
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        self.large.append(((slot, self._moved), event))
+        self._moved = None
+
+    def close(self) -> None:
+        if self.rt is not None:
+            for ev in self.events:
+                self.rt.event_destroy(ev)
+            self.events = []
+            self.rt = None
 
 
 class FusedCopier:
@@ -300,7 +325,7 @@ class FusedCopier:
         block_ids: np.ndarray,  # int64 [n_chunks, bpc]
         stream: torch.cuda.Stream | None = None,
     ) -> None:
-        """Enqueue the copy on the current stream (which must be ``stream`` on a GPU)."""
+        """Enqueue the copy on ``stream`` (on a GPU; under Triton's interpreter, run it)."""
         n_chunks, bpc = block_ids.shape
         align = self.unit_for(slot_base, slot_offsets)
         unit = 4 if align >= 4 else (2 if align >= 2 else 1)
@@ -310,9 +335,11 @@ class FusedCopier:
             table_arg, start, table, slot = self.ring.take(n)
             table[:n_chunks] = slot_offsets // unit
             table[n_chunks:] = block_ids.reshape(-1)
-            moved = self.ring.publish(slot, start, n)
-            if moved is not None:
-                table_arg = moved
+            if self.ring.device_tensor is not None:
+                with _on(stream):  # the table's upload goes ahead of the kernel
+                    moved = self.ring.publish(slot, start, n)
+                if moved is not None:
+                    table_arg = moved
             piece_units = u["piece_units"]
             total = n_chunks * self.n_planes * bpc * u["tiles"]
             grid = max(1, min(total, self.max_programs))
@@ -339,34 +366,40 @@ class FusedCopier:
                     )
                     self._native[key] = None
                     key = None
-            compiled = self._kernel[(grid,)](
-                u["cache"],
-                self._slot_arg(slot_base, slot_owner, unit),
-                u["plane_off"],
-                u["plane_stride"],
-                table_arg,
-                start,
-                n_chunks,
-                self.n_planes,
-                bpc,
-                bpc * piece_units,  # slots are (plane, block) ordered
-                piece_units,
-                piece_units,
-                u["tiles"],
-                TILE=u["tile"],
-                EVEN=u["even"],
-                VEC=max(1, align // unit),
-                TO_SLOT=to_slot,
-                num_warps=self.num_warps,
-            )
+            with _on(stream):  # Triton's launcher enqueues on the current stream
+                compiled = self._launch_with_triton(grid, u, table_arg, scalars, slot_base,
+                                                    slot_owner, unit, vec, to_slot)
             if key is not None and key not in self._native:
                 # (Oversized tables get a buffer of their own per launch: never native.)
                 self._native[key] = NativeLaunch.from_triton(compiled, pointers, len(scalars))
             self._after_launch(stream, slot)
 
+    def _launch_with_triton(self, grid, u, table_arg, scalars, slot_base, slot_owner, unit,
+                            vec, to_slot):
+        start, n_chunks, n_planes, bpc, plane_stride, block_stride, piece_units, tiles = scalars
+        return self._kernel[(grid,)](
+            u["cache"],
+            self._slot_arg(slot_base, slot_owner, unit),
+            u["plane_off"],
+            u["plane_stride"],
+            table_arg,
+            start,
+            n_chunks,
+            n_planes,
+            bpc,
+            plane_stride,  # slots are (plane, block) ordered
+            block_stride,
+            piece_units,
+            tiles,
+            TILE=u["tile"],
+            EVEN=u["even"],
+            VEC=vec,
+            TO_SLOT=to_slot,
+            num_warps=self.num_warps,
+        )
+
     def _after_launch(self, stream, slot) -> None:
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(stream)
-        self.ring.done_after(slot, event)
+        self.ring.done_after(slot, stream if self.device.type == "cuda" else None)
+
+    def close(self) -> None:
+        self.ring.close()

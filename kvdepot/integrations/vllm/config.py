@@ -30,6 +30,12 @@ class ConnectorSettings:
     # How long a worker's get_finished waits for loads in flight (see worker_side): a load
     # that lands within it is reported in the same step.
     load_wait_ms: float = 50.0
+    # When a hit is loaded before its request runs: "async" (vLLM's WAITING_FOR_REMOTE_KVS: the
+    # request waits a step for the copy; other requests never wait for it), "sync" (the copy
+    # is stream-ordered before the request's first forward, whose launch overlaps the copy:
+    # a step and the forward's host time sooner, but that step's other requests wait for the
+    # copy too), or "auto": sync when no other request is known to the connector, else async.
+    load_mode: str = "auto"
     # Lease on looked-up chunks, held until the load has finished; expires by itself if the
     # release is lost (crash, restart).
     lease_ms: int = 60_000
@@ -61,6 +67,16 @@ def _get(extra: Mapping[str, Any], name: str, default: Any) -> Any:
         if key in extra and extra[key] is not None:
             return extra[key]
     return default
+
+
+LOAD_MODES = ("auto", "sync", "async")
+
+
+def _load_mode(value: Any) -> str:
+    mode = str(value).strip().lower()
+    if mode not in LOAD_MODES:
+        raise ValueError(f"kvdepot.load_mode must be one of {LOAD_MODES}, not {value!r}")
+    return mode
 
 
 def _bool(value: Any) -> bool:
@@ -100,6 +116,7 @@ def settings_from_extra_config(extra: Mapping[str, Any] | None) -> ConnectorSett
         lookup_wait_ms=float(_get(extra, "lookup_wait_ms", d.lookup_wait_ms)),
         load_wait_ms=float(_get(extra, "load_wait_ms", d.load_wait_ms)),
         lease_ms=int(_get(extra, "lease_ms", d.lease_ms)),
+        load_mode=_load_mode(_get(extra, "load_mode", d.load_mode)),
         store_decode=_bool(_get(extra, "store_decode", d.store_decode)),
         salt=str(_get(extra, "salt", d.salt)),
         model=None if model is None else str(model),

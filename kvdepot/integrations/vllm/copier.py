@@ -35,6 +35,11 @@ class _Handles:
         for h in self._handles:
             h.wait()  # type: ignore[attr-defined]
 
+    def stream_wait(self, stream=None) -> None:
+        """Order the current (or ``stream``'s) later GPU work after every copy; no host wait."""
+        for h in self._handles:
+            h.stream_wait(stream)  # type: ignore[attr-defined]
+
 
 class _EventHandle:
     def __init__(self, event):
@@ -45,6 +50,9 @@ class _EventHandle:
 
     def wait(self) -> None:
         self.event.synchronize()
+
+    def stream_wait(self, stream=None) -> None:
+        (stream or torch.cuda.current_stream(self.event.device)).wait_event(self.event)
 
 
 class BlockCopier:

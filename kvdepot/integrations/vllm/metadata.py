@@ -34,6 +34,9 @@ class LoadSpec:
     # server itself (Acquire).
     offsets: list[int] = field(default_factory=list)
     boot_id: str = ""
+    # Synchronous: the copy must land before this step's forward reads the blocks (no
+    # get_finished report); else vLLM waits for the request in get_finished.
+    sync: bool = False
 
     @property
     def num_chunks(self) -> int:

@@ -90,6 +90,8 @@ class _Req:
     lookup: _Lookup | None = None
     load_lease: int = 0  # lease held until the load is reported finished
     loading: bool = False
+    sync_load: bool = False  # what the last answer told vLLM (is_async = not this)
+    sync_leases: list[int] = field(default_factory=list)  # held until the request finishes
     block_ids: list[int] = field(default_factory=list)
     stored_upto: int = 0  # chunks [0, stored_upto) stored, planned, or loaded from the server
     stores_planned: int = 0
@@ -287,7 +289,7 @@ class SchedulerSide:
                 return outcome
         res = st.lookup
         if res is not None and self._still_valid(res, first, time.monotonic(), client.epoch):
-            return self._answer(res, num_computed_tokens)
+            return self._answer(st, res, num_computed_tokens)
         self._drop_lookup(st)
 
         keys = self._keys(st, n)[first:n]
@@ -309,7 +311,7 @@ class SchedulerSide:
             return outcome
         res = st.lookup
         if res is not None and self._still_valid(res, first, time.monotonic(), client.epoch):
-            return self._answer(res, num_computed_tokens)
+            return self._answer(st, res, num_computed_tokens)
         return 0, False
 
     def _collect(self, st: _Req) -> tuple[int | None, bool] | None:
@@ -355,12 +357,28 @@ class SchedulerSide:
         # A later call may come with a longer local hit; a shorter one needs a new lookup.
         return res.first <= first and now - res.at < self.settings.lease_ms / 2000.0
 
-    def _answer(self, res: _Lookup, num_computed_tokens: int) -> tuple[int, bool]:
+    def _answer(self, st: _Req, res: _Lookup, num_computed_tokens: int) -> tuple[int, bool]:
         c = self.chunk_tokens
         end = (res.first + res.hit) * c
         if res.hit == 0 or end <= num_computed_tokens:
             return 0, False
-        return end - num_computed_tokens, True
+        st.sync_load = self._load_synchronously(st)
+        if st.sync_load:
+            # vLLM computes at least one prompt token itself; for a synchronous load it is
+            # told one token less (update_state_after_alloc still loads the whole last block;
+            # the forward then rewrites that token's KV with the same values).
+            end = min(end, len(st.request.prompt_token_ids) - 1)
+            if end <= num_computed_tokens:
+                return 0, False
+        return end - num_computed_tokens, not st.sync_load
+
+    def _load_synchronously(self, st: _Req) -> bool:
+        """A synchronous load delays the whole step it runs in; worth it only when nothing
+        else would wait (settings.load_mode "auto": no other request known to us)."""
+        mode = self.settings.load_mode
+        if mode != "auto":
+            return mode == "sync"
+        return len(self._reqs) == 1 and st.req_id in self._reqs
 
     def _drop_lookup(self, st: _Req) -> None:
         if st.lookup is not None and st.lookup.lease:
@@ -395,17 +413,28 @@ class SchedulerSide:
             spec = LoadSpec(request.request_id, b"", writable)
         else:
             keys = self._keys(st, c_hi)[c_lo:c_hi]
+            load_end = end
+            if st.sync_load and end == len(request.prompt_token_ids) - 1:
+                load_end = c_hi * c  # the token _answer held back is loaded too
             load_ids = []
             for i in range(c_lo * bpc, c_hi * bpc):
-                writable = local <= i * bs and (i + 1) * bs <= end and i < len(ids)
+                writable = local <= i * bs and (i + 1) * bs <= load_end and i < len(ids)
                 load_ids.append(ids[i] if writable else -1)
             spec = LoadSpec(request.request_id, b"".join(keys), load_ids,
-                            offsets=self._load_offsets(res, c_lo, c_hi), boot_id=res.boot_id)
-            st.load_lease = res.lease
+                            offsets=self._load_offsets(res, c_lo, c_hi), boot_id=res.boot_id,
+                            sync=st.sync_load)
+            if st.sync_load:
+                # Nothing reports a synchronous load done; its slots are read within the
+                # request's first step, and the lease goes when the request finishes.
+                if res.lease:
+                    st.sync_leases.append(res.lease)
+            else:
+                st.load_lease = res.lease
             st.lookup = None  # the lease now belongs to the load
             st.stored_upto = max(st.stored_upto, c_hi)  # the server has these chunks
             self.counters["hit_tokens"] += num_external_tokens
-        st.loading = True
+        spec.sync = st.sync_load
+        st.loading = not st.sync_load
         self._new_loads.append(spec)
 
     def _load_offsets(self, res: _Lookup, c_lo: int, c_hi: int) -> list[int]:
@@ -494,6 +523,8 @@ class SchedulerSide:
         if st is None:
             return False, None
         self._drop_lookup(st)
+        for lease in st.sync_leases:
+            self._release_loaded(lease)
         if st.load_lease:
             # The workers may still be copying out of the leased slots: the lease goes when
             # they report the load finished (or expires by its TTL).

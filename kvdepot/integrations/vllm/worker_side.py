@@ -77,6 +77,7 @@ class _Job:
     spec: LoadSpec | StoreSpec
     chunk_tokens: int
     event: Any = None  # CUDA event the copy must follow (GPU)
+    finished: threading.Event | None = None  # set when a synchronous load is done
 
 
 class WorkerSide:
@@ -187,11 +188,21 @@ class WorkerSide:
         if not queued:
             return
         event = self._record_event()
+        jobs = []
         with self._cv:
             for spec in queued:
-                self._loading.add(spec.req_id)
-                self._loads.append(_Job("load", spec, meta.chunk_tokens, event))
+                job = _Job("load", spec, meta.chunk_tokens, event,
+                           finished=threading.Event() if spec.sync else None)
+                if not spec.sync:
+                    self._loading.add(spec.req_id)
+                self._loads.append(job)
+                jobs.append(job)
             self._cv.notify_all()
+        # This step's forward reads the synchronous loads' blocks: they must have landed.
+        # (The I/O thread finishes every job: each server call has a deadline.)
+        for job in jobs:
+            if job.finished is not None:
+                job.finished.wait()
 
     def _load_now(self, spec: LoadSpec, chunk_tokens: int) -> bool:
         """Enqueue a GPU load on this (the engine's) thread; False: the I/O thread must do it."""
@@ -211,14 +222,32 @@ class WorkerSide:
                 # After the model's queued work (the current stream): vLLM may still be reading
                 # these blocks for their previous owner.
                 handle = copier.load(chunks)
+                if spec.sync:
+                    # The model's stream waits for the copy on the GPU; the host goes on
+                    # launching the forward while the bytes move.
+                    handle.stream_wait()
             except Exception as exc:  # noqa: BLE001 - a bad plan must not stop the engine
                 log.warning("kvdepot: load for %s could not start: %r", spec.req_id, exc)
                 handle = None
         n = len(chunks)
-        self._inflight.append(
-            _InFlightLoad(spec.req_id, handle, n, n * copier.slot_bytes, _writable(spec))
-        )
+        load = _InFlightLoad(spec.req_id, handle, n, n * copier.slot_bytes, _writable(spec))
+        if spec.sync:
+            failed = [] if handle is not None else load.writable
+            with self._cv:
+                self._count_load(load.chunks, load.nbytes, failed)
+                # Reported with this very step (get_block_ids_with_load_errors): recomputed.
+                self._load_errors.update(failed)
+        else:
+            self._inflight.append(load)
         return True
+
+    def _count_load(self, chunks: int, nbytes: int, failed: list[int]) -> None:
+        """(under _cv) One load's counters."""
+        if failed:
+            self.counters["load_failed_blocks"] += len(failed)
+        else:
+            self.counters["loaded_chunks"] += chunks
+            self.counters["loaded_bytes"] += nbytes
 
     def wait_for_save(self, meta: KVDepotMetadata | None) -> None:
         if meta is None or not meta.stores:
@@ -290,11 +319,7 @@ class WorkerSide:
                     log.warning("kvdepot: load for %s failed: %r", load.req_id, exc)
                     ok = False
             failed = [] if ok else load.writable
-            if ok:
-                self.counters["loaded_chunks"] += load.chunks
-                self.counters["loaded_bytes"] += load.nbytes
-            else:
-                self.counters["load_failed_blocks"] += len(failed)
+            self._count_load(load.chunks, load.nbytes, failed)
             self._done_loads.append((load.req_id, failed))
         self._inflight = still
 
@@ -365,7 +390,7 @@ class WorkerSide:
                 log.warning("kvdepot: unexpected error in the I/O thread: %r", exc)
                 # (a store's own finally has already counted it done)
                 if job is not None and job.kind == "load":
-                    self._load_done(job.spec.req_id, _writable(job.spec))
+                    self._load_done(job, _writable(job.spec))
             finally:
                 with self._cv:
                     self._running = None
@@ -467,7 +492,7 @@ class WorkerSide:
         spec: LoadSpec = job.spec  # type: ignore[assignment]
         writable = _writable(spec)
         if not spec.keys or not self._usable(job):
-            self._load_done(spec.req_id, writable)
+            self._load_done(job, writable)
             return
         client, ns = self._client, self._ns
         assert client is not None and ns is not None and self.layout is not None
@@ -519,7 +544,7 @@ class WorkerSide:
         # Report first, release after: the bytes have landed, and the engine thread waiting in
         # get_finished should not also wait for a round trip (each GIL hand-off back to this
         # thread can cost up to the 5 ms switch interval while the engine thread runs).
-        self._load_done(spec.req_id, failed)
+        self._load_done(job, failed)
         self._release_quietly(lease)
 
     def _release_quietly(self, lease: int) -> None:
@@ -574,12 +599,19 @@ class WorkerSide:
         finally:
             self._store_done(spec.req_id)
 
-    def _load_done(self, req_id: str, failed: list[int]) -> None:
+    def _load_done(self, job: _Job, failed: list[int]) -> None:
         with self._cv:
-            self._done_loads.append((req_id, failed))
-            if failed:
-                self.counters["load_failed_blocks"] += len(failed)
+            if job.finished is not None:  # synchronous: reported with its own step
+                if failed:
+                    self.counters["load_failed_blocks"] += len(failed)
+                    self._load_errors.update(failed)
+            else:
+                self._done_loads.append((job.spec.req_id, failed))
+                if failed:
+                    self.counters["load_failed_blocks"] += len(failed)
             self._cv.notify_all()
+        if job.finished is not None:
+            job.finished.set()
 
     def _store_done(self, req_id: str) -> None:
         with self._cv:
