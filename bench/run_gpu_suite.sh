@@ -32,8 +32,8 @@ for s in $stages; do
   case $s in
     tests) stage gpu_tests 150 python3 -m pytest tests/test_gpu_transfer.py -q -x -p no:cacheprovider ;;
     e2e) stage vllm_gpu_e2e 300 python3 -m pytest tests/test_vllm_gpu_e2e.py -q -x -p no:cacheprovider ;;
-    e2e-auto) stage vllm_gpu_e2e 240 python3 -m pytest tests/test_vllm_gpu_e2e.py -q -x -k auto \
-            -p no:cacheprovider ;;
+    e2e-auto | e2e-async) stage vllm_gpu_e2e_${s#e2e-} 240 python3 -m pytest \
+            tests/test_vllm_gpu_e2e.py -q -x -k "${s#e2e-}" -p no:cacheprovider ;;
     transfer) stage gpu_transfer 200 python3 bench/gpu_transfer.py --out "$out/gpu_transfer.json" ;;
     ttft) stage vllm_gpu_ttft 420 python3 bench/vllm_gpu_ttft.py --repeat 5 --buffer-gb 60 \
             --modes kvdepot-store kvdepot-load kvdepot-load-async offload \
