@@ -17,6 +17,7 @@ import pytest
 import zmq
 from conftest import small_geometry
 from server_process import ServerProcess
+from test_protocol import OldLookupReply, OldRelease
 
 from kvdepot import protocol as p
 from kvdepot.client import KVDepotClient, KVDepotError, ServerRestarted, ServerUnavailable
@@ -176,15 +177,6 @@ def test_release_with_garbage_retrieved_ids_is_refused_and_the_server_stays_up(m
 def test_a_client_without_the_new_fields_still_works(make_client, server):
     """An engine built before LookupReply.offsets and Release.retrieved: its Release decodes
     (nothing read), and it decodes the LookupReply it gets while ignoring the offsets."""
-
-    class OldRelease(msgspec.Struct, tag="Release", array_like=True):
-        req_id: int
-        leases: list[int]
-
-    class OldLookupReply(msgspec.Struct, tag="LookupReply", array_like=True):
-        req_id: int
-        hit_chunks: int
-        lease: int = 0
 
     owner = make_client()
     ns = owner.register("m", small_geometry())

@@ -162,6 +162,20 @@ def layer_blocks(kv, ids):
     return [t[list(ids)].clone() for t in kv.values()]
 
 
+def store_prompt(port, seed, n_tokens=512):
+    """Engine A (one rank) computes and stores a prompt of whole chunks in blocks 0..; returns
+    its KV, worker, scheduler and the tokens."""
+    kv = cpu_kv(seed)
+    worker = make_worker(port, kv, world=1)
+    sched = make_scheduler(port, worker.spec)
+    tokens = vs.random_prompt(n_tokens, seed=seed)
+    req = Req(tokens)
+    lookup_until_answered(sched, req)
+    blocks = range(n_tokens // BS)
+    save(worker, sched.build_connector_meta(sched_output([(req, blocks, 0, n_tokens)])))
+    return kv, worker, sched, tokens
+
+
 # --- tensor parallelism: every rank its own shard, hits only when all ranks have it ----------
 
 
@@ -259,13 +273,7 @@ def test_partial_chunk_load_leaves_locally_cached_blocks_alone(server):
 
 
 def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
-    kv_a = cpu_kv(21)
-    wa = make_worker(server.port, kv_a, world=1)
-    sched = make_scheduler(server.port, wa.spec)
-    tokens = vs.random_prompt(512, seed=21)
-    r = Req(tokens)
-    lookup_until_answered(sched, r)
-    save(wa, sched.build_connector_meta(sched_output([(r, range(32), 0, 512)])))
+    kv_a, wa, sched, tokens = store_prompt(server.port, seed=21)
 
     kv_b = cpu_kv(0, zero=True)
     wb = make_worker(server.port, kv_b, world=1)
@@ -313,13 +321,7 @@ def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
 
 
 def test_sync_load_when_alone_lands_before_the_step_and_reports_nothing(server):
-    kv_a = cpu_kv(31)
-    wa = make_worker(server.port, kv_a, world=1)
-    sched_a = make_scheduler(server.port, wa.spec)
-    tokens = vs.random_prompt(512, seed=31)
-    r = Req(tokens)
-    lookup_until_answered(sched_a, r)
-    save(wa, sched_a.build_connector_meta(sched_output([(r, range(32), 0, 512)])))
+    kv_a, wa, sched_a, tokens = store_prompt(server.port, seed=31)
 
     kv_b = cpu_kv(0, zero=True)
     wb = make_worker(server.port, kv_b, world=1)
@@ -370,13 +372,7 @@ def test_sync_load_when_alone_lands_before_the_step_and_reports_nothing(server):
 def test_load_after_server_restart_reports_every_block_for_recompute():
     srv = vs.KVDepotServer(cpu_buffer_gb=0.1).start()
     try:
-        kv_a = cpu_kv(3)
-        wa = make_worker(srv.port, kv_a, world=1)
-        sched = make_scheduler(srv.port, wa.spec)
-        tokens = vs.random_prompt(512, seed=13)
-        r = Req(tokens)
-        lookup_until_answered(sched, r)
-        save(wa, sched.build_connector_meta(sched_output([(r, range(32), 0, 512)])))
+        _, wa, sched, tokens = store_prompt(srv.port, seed=13)
         kv_b = cpu_kv(0, zero=True)
         wb = make_worker(srv.port, kv_b, world=1)
         req = Req(tokens)
