@@ -220,8 +220,10 @@ class WorkerSide:
                 return False  # the server restarted just now: the I/O thread sorts it out
             try:
                 # After the model's queued work (the current stream): vLLM may still be reading
-                # these blocks for their previous owner.
-                handle = copier.load(chunks)
+                # these blocks for their previous owner. Whole chunks are fenced by the engine
+                # itself; the block-by-block copy of a partial chunk needs the event.
+                partial = any(b < 0 for b in spec.block_ids)
+                handle = copier.load(chunks, after=self._record_event() if partial else None)
                 if spec.sync:
                     # The model's stream waits for the copy on the GPU; the host goes on
                     # launching the forward while the bytes move.
