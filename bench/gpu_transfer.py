@@ -270,6 +270,73 @@ class Bench:
         out["staged_store_call_1chunk_triton_launcher"] = per_call(lambda: via_triton.store(one))
         return out
 
+    def cold_costs(self, eng, reps=15):
+        """Host time of each step of a single-chunk staged store, each timed right after the
+        host waited for the GPU (as the batch-of-one rows run), medians in us."""
+        staged = eng("gpu-triton-staged", "v026")
+        one = self.chunks(1, "store")
+        buf = staged._buffers[True][0]
+        offs = np.zeros(1, dtype=np.int64)
+        ids = np.asarray([one[0].block_ids], dtype=np.int64)
+        stream = staged.kernel_streams[True]
+        fence = staged._fence[True]
+        dev = self.raw_dev
+        host = self.arena.data_ptr() + self.half * self.slot
+        steps = {
+            "validate": lambda: staged._validate(one),
+            "current_stream": lambda: torch.cuda.current_stream(self.dev),
+            "raw_event_record_and_wait": lambda: (
+                staged.rt.record(fence, stream.cuda_stream), staged.rt.wait(stream.cuda_stream, fence)),
+            "torch_event_create_record": lambda: torch.cuda.Event().record(stream),
+            "kernel_launch_with_table": lambda: staged.copier.launch(
+                to_slot=True, slot_base=buf.data_ptr(), slot_owner=buf, slot_offsets=offs,
+                block_ids=ids, stream=stream),
+            "cudaMemcpyAsync_4KiB_d2h": lambda: self.rt.memcpy(host, dev.data_ptr(), 4096,
+                                                               stream.cuda_stream),
+            "whole_store_call": lambda: staged.store(one),
+        }
+        out = {}
+        for name, fn in steps.items():
+            times = []
+            for _ in range(reps + 2):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+            out[name] = round(statistics.median(times[2:]), 1)
+        return out
+
+    def streamed(self, eng, direction, n=16, reps=5):
+        """n single-chunk calls issued back to back (one chunk per engine step, as a serving
+        engine stores), against n single-chunk raw copies issued the same way: GB/s each."""
+        def run(issue):
+            times = []
+            for _ in range(reps + 1):
+                plans = [self.chunks(1, direction) for _ in range(n)]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                issue(plans)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return n * self.slot / statistics.median(times[1:]) / 1e9
+
+        call = eng.store if direction == "store" else eng.load
+
+        def engine_calls(plans):
+            for chunks in plans:
+                call(chunks)
+
+        def raw_calls(plans):
+            dev = self.raw_dev[: self.slot].data_ptr()
+            for chunks in plans:
+                host = self.arena.data_ptr() + chunks[0].slot_offset
+                dst, src = (host, dev) if direction == "store" else (dev, host)
+                self.rt.memcpy(dst, src, self.slot, self.raw_stream.cuda_stream)
+
+        got, raw = run(engine_calls), run(raw_calls)
+        return {"gbps": round(got, 2), "raw_gbps": round(raw, 2), "pct_of_raw": round(100 * got / raw, 1)}
+
     def time_raw_both(self, nbytes, reps=None):
         reps = reps or self.reps
         times = []
@@ -549,6 +616,16 @@ class Bench:
 
         res["host_costs_us"] = attempt("host costs", lambda: self.host_costs(eng))
         log("host costs (us per call):", res["host_costs_us"])
+        res["cold_costs_us"] = attempt("cold costs", lambda: self.cold_costs(eng))
+        log("host costs right after a GPU wait (us):", res["cold_costs_us"])
+        streamed = res["streamed_batch1"] = {}
+        for name, kind, kw in working:
+            for d in ("store", "load"):
+                key = f"{label(name, kind, kw)}/{d}"
+                r = attempt(f"streamed {key}", lambda: self.streamed(eng(name, kind, **kw), d))
+                if r is not None:
+                    streamed[key] = r
+                    log("streamed single chunks", key, r)
         save()
 
         mm = res["matmul"] = {"baseline": self.matmul_slowdown(None)}
@@ -610,6 +687,9 @@ def table(res):
     lines.append("batch of one, us (host issue / GPU / wall):")
     for k, v in res.get("latency_batch1", {}).items():
         lines.append(f"  {k:34s} {v['issue_us']:7.1f} {v['device_us']:7.1f} {v['wall_us']:7.1f}")
+    lines.append("single-chunk calls back to back, x16 (GB/s, % of raw copies issued the same way):")
+    for k, v in res.get("streamed_batch1", {}).items():
+        lines.append(f"  {k:40s} {v['gbps']:6.1f} {v['pct_of_raw']:6.1f}%")
     lines.append("stores+loads at once (total GB/s):")
     for r in res["concurrent"]:
         lines.append(f"  {r['engine']:19s} {r['layout']:6s} x{r['batch']:<3d} {r['total_gbps']:6.1f}"
