@@ -76,26 +76,31 @@ def test_second_engine_process_loads_every_whole_chunk(model, baseline):
         same_output(out1, baseline[(tuple(P_MAIN), MAX_TOKENS)])
         assert srv.stats().stored_chunks == (len(P_MAIN) + len(P_EXACT)) // CHUNK
 
-        # A fresh process; the short connector name comes from kvdepot's vLLM plugin entry point.
+        # Fresh processes; the short connector name comes from kvdepot's vLLM plugin entry
+        # point. "auto" loads synchronously in an idle engine and offers an all-cached prompt
+        # one token short (vLLM computes one token itself; all of it is loaded); "async" is the
+        # path of a busy engine (vLLM trims the last token itself).
         short = dict(cfg)
         del short["kv_connector_module_path"]
-        second = vs.run_engine(model, rounds, kv_transfer_config=short, metrics=True)
-        out2 = second["rounds"][0]["outputs"][0]
-        assert out2["num_cached_tokens"] == whole_chunks(P_MAIN)
-        same_output(out2, baseline[(tuple(P_MAIN), MAX_TOKENS)])
-        # A prompt of whole chunks only: all of it loaded, the last token recomputed by vLLM.
-        exact = second["rounds"][1]["outputs"][0]
-        assert exact["num_cached_tokens"] in (len(P_EXACT) - 1, len(P_EXACT))
-        same_output(exact, baseline[(tuple(P_EXACT), MAX_TOKENS)])
-        # vLLM's own metrics show what the cache did (get_kv_connector_stats).
-        m = second["metrics"]
-        # An idle engine loads synchronously ("auto"), and vLLM computes one prompt token
-        # itself: the all-cached prompt is offered one token short (all of it is loaded).
-        assert m["vllm:kvdepot_hit_tokens"] == whole_chunks(P_MAIN) + len(P_EXACT) - 1
-        assert m["vllm:kvdepot_loaded_bytes"] > 0 and m["vllm:kvdepot_load_failed_blocks"] == 0
-        assert m["vllm:external_prefix_cache_hits"] == whole_chunks(P_MAIN) + len(P_EXACT) - 1
+        for mode, held_back in (("auto", 1), ("async", 0)):
+            extra = dict(short["kv_connector_extra_config"], **{"kvdepot.load_mode": mode})
+            second = vs.run_engine(model, rounds, metrics=True,
+                                   kv_transfer_config=dict(short, kv_connector_extra_config=extra))
+            out2 = second["rounds"][0]["outputs"][0]
+            assert out2["num_cached_tokens"] == whole_chunks(P_MAIN)
+            same_output(out2, baseline[(tuple(P_MAIN), MAX_TOKENS)])
+            # A prompt of whole chunks only: all of it loaded, the last token recomputed.
+            exact = second["rounds"][1]["outputs"][0]
+            assert exact["num_cached_tokens"] in (len(P_EXACT) - 1, len(P_EXACT))
+            same_output(exact, baseline[(tuple(P_EXACT), MAX_TOKENS)])
+            # vLLM's own metrics show what the cache did (get_kv_connector_stats).
+            m = second["metrics"]
+            hit = whole_chunks(P_MAIN) + len(P_EXACT) - held_back
+            assert m["vllm:kvdepot_hit_tokens"] == hit, mode
+            assert m["vllm:kvdepot_loaded_bytes"] > 0 and m["vllm:kvdepot_load_failed_blocks"] == 0
+            assert m["vllm:external_prefix_cache_hits"] == hit, mode
         stats = srv.stats()
-        assert stats.retrieved_chunks == (len(P_MAIN) + len(P_EXACT)) // CHUNK
+        assert stats.retrieved_chunks == 2 * ((len(P_MAIN) + len(P_EXACT)) // CHUNK)
         assert stats.leases_held == 0
 
 
