@@ -30,7 +30,8 @@ stage() {  # name, seconds, command...
 
 for s in $stages; do
   case $s in
-    tests) stage gpu_tests 150 python3 -m pytest tests/test_gpu_transfer.py -q -x -p no:cacheprovider ;;
+    tests) stage gpu_tests 150 python3 -m pytest tests/test_gpu_transfer.py tests/test_vllm_gpu_copier.py \
+            -q -x -p no:cacheprovider ;;
     e2e) stage vllm_gpu_e2e 300 python3 -m pytest tests/test_vllm_gpu_e2e.py -q -x -p no:cacheprovider ;;
     e2e-auto | e2e-async) stage vllm_gpu_e2e_${s#e2e-} 240 python3 -m pytest \
             tests/test_vllm_gpu_e2e.py -q -x -k "${s#e2e-}" -p no:cacheprovider ;;
