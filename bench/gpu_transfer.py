@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ from kvdepot.transfer.gpu import choose_engine, make_gpu_transfer, triton_availa
 from kvdepot.transfer.layout import describe_layout  # noqa: E402
 from kvdepot.transfer.pinning import cuda_runtime  # noqa: E402
 from test_layout import build_kv_caches  # noqa: E402
+from test_layout import make_arena as make_file_arena  # noqa: E402
 
 CHUNK = 256
 BLOCK = 16
@@ -77,15 +77,8 @@ def make_arena(nbytes: int):
         except Exception as e:  # the server package needs msgspec/pyzmq; fall back
             info["shared_arena_error"] = repr(e)
     d = "/dev/shm" if room >= nbytes + (1 << 30) else tempfile.gettempdir()
-    fd, path = tempfile.mkstemp(prefix="kvdepot-bench-", dir=d)
-    try:
-        os.ftruncate(fd, nbytes)
-        mm = mmap.mmap(fd, nbytes)
-    finally:
-        os.close(fd)
-        os.unlink(path)
     info["kind"] = f"mmap of a file in {d}"
-    return torch.frombuffer(mm, dtype=torch.uint8), info, mm
+    return make_file_arena(nbytes, d), info, None
 
 
 class Bench:

@@ -121,14 +121,16 @@ def reference_slot(kind, caches, buffers, block_ids, num_blocks, num_planes) -> 
     return torch.cat(out)
 
 
-def make_arena(nbytes: int) -> torch.Tensor:
-    """A flat uint8 tensor over a /dev/shm mapping, as an engine sees the server's arena."""
+def make_arena(nbytes: int, directory: str | None = None) -> torch.Tensor:
+    """A flat uint8 tensor over a mapped file (in /dev/shm unless ``directory`` says), as an
+    engine sees the server's arena."""
     import mmap
     import os
     import tempfile
 
-    d = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix="kvdepot-test-", dir=d)
+    if directory is None and os.path.isdir("/dev/shm"):
+        directory = "/dev/shm"
+    fd, path = tempfile.mkstemp(prefix="kvdepot-test-", dir=directory)
     try:
         os.ftruncate(fd, nbytes)
         mm = mmap.mmap(fd, nbytes)

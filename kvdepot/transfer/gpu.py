@@ -85,12 +85,11 @@ def choose_engine(layout: PagedLayout, *, triton_ok: bool | None = None) -> tupl
 
 
 class GpuHandle:
-    """Completion of one enqueued batch; also keeps its buffers alive until then."""
+    """Completion of one enqueued batch."""
 
     def __init__(
         self,
         event: torch.cuda.Event | None,
-        keep: object = None,
         nbytes: int = 0,
         device: torch.device | None = None,
         start: torch.cuda.Event | None = None,
@@ -99,7 +98,6 @@ class GpuHandle:
         self.nbytes = nbytes
         self.device = device
         self.start = start
-        self._keep = keep
 
     def device_ms(self) -> float | None:
         """GPU time from the copy's turn on its stream to its end (engines built with
@@ -109,15 +107,11 @@ class GpuHandle:
         return self.start.elapsed_time(self.event)
 
     def done(self) -> bool:
-        if self.event is None or self.event.query():
-            self._keep = None
-            return True
-        return False
+        return self.event is None or self.event.query()
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
-        self._keep = None
 
     def stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
         """Order ``stream``'s (default: the current stream's) later work after this copy."""
@@ -283,7 +277,7 @@ class _GpuTransfer:
         last = self._enqueue(to_slot, slots, bids, stream, fence) or stream
         event = torch.cuda.Event(enable_timing=self.timing)
         event.record(last)
-        return GpuHandle(event, None, n_chunks * self.slot_bytes, self.device, start)
+        return GpuHandle(event, n_chunks * self.slot_bytes, self.device, start)
 
     def _enqueue(self, to_slot: bool, slots, bids, stream, fence) -> torch.cuda.Stream | None:
         """Enqueue the copy on ``stream`` (already after ``fence``, the producer's work);

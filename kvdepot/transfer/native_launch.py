@@ -102,8 +102,6 @@ class NativeLaunch:
         self.shared = shared
         self._pointers = [ctypes.c_uint64(driver.device_pointer(p)) for p in pointers]
         self._scalars = [ctypes.c_uint32() if s == 4 else ctypes.c_uint64() for s in scalar_sizes]
-        self._limits = [(-(1 << 31), 1 << 31) if s == 4 else (-(1 << 63), 1 << 64)
-                        for s in scalar_sizes]
         self._masks = [(1 << (8 * s)) - 1 for s in scalar_sizes]
         self._extra = [ctypes.c_uint64(0) for _ in range(extra)]
         storage = self._pointers + self._scalars + self._extra
@@ -151,12 +149,9 @@ class NativeLaunch:
         return cls(driver, int(function), meta.num_warps * warp, meta.shared, pointers,
                    sizes[n_ptr:fixed], len(extra))
 
-    def fits(self, scalars: Sequence[int]) -> bool:
-        """Whether every value fits the width this compilation gave its parameter."""
-        return all(lo <= v < hi for v, (lo, hi) in zip(scalars, self._limits))
-
     def __call__(self, grid: int, stream: int, scalars: Sequence[int]) -> int:
         """Enqueue on ``stream`` (a cudaStream_t/CUstream handle); returns the CUresult.
+        The values must fit the widths of this compilation (callers key launchers by them).
         Not thread-safe: the argument block is shared (callers launch under a lock)."""
         for cell, mask, v in zip(self._scalars, self._masks, scalars):
             cell.value = v & mask

@@ -190,10 +190,8 @@ class _TableRing:
         self.arg = _pointer(ring.data_ptr(), ring, torch.int64)
 
     def publish(self, slot, start: int, n: int):
-        """Make the written table visible to the kernel (device ring: an async copy on the
-        current stream); returns the kernel argument for oversized tables."""
-        if self.device_tensor is None:
-            return None
+        """Copy the written table into the device ring (an async copy on the current stream);
+        returns the kernel argument for oversized tables."""
         if isinstance(slot, int):
             self.device_tensor[start : start + n].copy_(
                 self.tensor[start : start + n], non_blocking=True
@@ -352,8 +350,8 @@ class FusedCopier:
             if self.native_launch and stream is not None and isinstance(slot, int):
                 key = (to_slot, unit, vec, pointers,
                        tuple(-(1 << 31) <= v < (1 << 31) for v in scalars))
-                native = self._native.get(key)
-                if native is not None and native.fits(scalars):
+                native = self._native.get(key)  # the key holds each integer's width
+                if native is not None:
                     code = native(grid, stream.cuda_stream, scalars)
                     if code == 0:
                         self.native_launches += 1

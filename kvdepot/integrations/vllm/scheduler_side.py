@@ -287,9 +287,9 @@ class SchedulerSide:
             outcome = self._collect(st)
             if outcome is not None:
                 return outcome
-        res = st.lookup
-        if res is not None and self._still_valid(res, first, time.monotonic(), client.epoch):
-            return self._answer(st, res, num_computed_tokens)
+        answer = self._answer_if_valid(st, first, num_computed_tokens)
+        if answer is not None:
+            return answer
         self._drop_lookup(st)
 
         keys = self._keys(st, n)[first:n]
@@ -309,10 +309,16 @@ class SchedulerSide:
         outcome = self._collect(st)
         if outcome is not None:
             return outcome
-        res = st.lookup
-        if res is not None and self._still_valid(res, first, time.monotonic(), client.epoch):
-            return self._answer(st, res, num_computed_tokens)
-        return 0, False
+        return self._answer_if_valid(st, first, num_computed_tokens) or (0, False)
+
+    def _answer_if_valid(self, st: _Req, first: int, num_computed_tokens: int) -> tuple[int, bool] | None:
+        """The answer from the request's lookup result, None when there is none still valid."""
+        res, client = st.lookup, self._client
+        if res is None or client is None or not self._still_valid(
+            res, first, time.monotonic(), client.epoch
+        ):
+            return None
+        return self._answer(st, res, num_computed_tokens)
 
     def _collect(self, st: _Req) -> tuple[int | None, bool] | None:
         """Take a finished lookup's result into st.lookup. Returns an answer for vLLM when
@@ -421,8 +427,7 @@ class SchedulerSide:
                 writable = local <= i * bs and (i + 1) * bs <= load_end and i < len(ids)
                 load_ids.append(ids[i] if writable else -1)
             spec = LoadSpec(request.request_id, b"".join(keys), load_ids,
-                            offsets=self._load_offsets(res, c_lo, c_hi), boot_id=res.boot_id,
-                            sync=st.sync_load)
+                            offsets=self._load_offsets(res, c_lo, c_hi), boot_id=res.boot_id)
             if st.sync_load:
                 # Nothing reports a synchronous load done; its slots are read within the
                 # request's first step, and the lease goes when the request finishes.
