@@ -24,6 +24,7 @@ from kvdepot.integrations.vllm.metadata import KVDepotMetadata, LoadSpec, StoreS
 from kvdepot.integrations.vllm.scheduler_side import SchedulerSide  # noqa: E402
 from kvdepot.integrations.vllm.stats import KVDepotStats  # noqa: E402
 from kvdepot.integrations.vllm.worker_side import WorkerSide  # noqa: E402
+from kvdepot.client import KVDepotError  # noqa: E402
 from kvdepot.protocol import KEY_BYTES  # noqa: E402
 
 BS = 16  # engine block size (GPU-like), 16 blocks per 256-token chunk
@@ -162,6 +163,14 @@ def layer_blocks(kv, ids):
     return [t[list(ids)].clone() for t in kv.values()]
 
 
+def wait_prepared(worker, timeout=10.0):
+    """Until the worker has registered and mapped the arena (its I/O thread does it at start)."""
+    deadline = time.monotonic() + timeout
+    while worker._copier is None:
+        assert time.monotonic() < deadline, "the worker never prepared its copier"
+        time.sleep(0.01)
+
+
 def store_prompt(port, seed, n_tokens=512):
     """Engine A (one rank) computes and stores a prompt of whole chunks in blocks 0..; returns
     its KV, worker, scheduler and the tokens."""
@@ -277,10 +286,7 @@ def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
 
     kv_b = cpu_kv(0, zero=True)
     wb = make_worker(server.port, kv_b, world=1)
-    deadline = time.monotonic() + 10
-    while wb._copier is None:  # prepared at registration, before any load
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_prepared(wb)  # at registration, before any load
     # On a GPU the worker enqueues loads on the engine thread (its copies are asynchronous);
     # the CPU copier takes that path here so its bookkeeping runs without a GPU.
     wb._direct = (wb._client.boot_id, wb._copier)
@@ -375,12 +381,23 @@ def test_load_after_server_restart_reports_every_block_for_recompute():
         _, wa, sched, tokens = store_prompt(srv.port, seed=13)
         kv_b = cpu_kv(0, zero=True)
         wb = make_worker(srv.port, kv_b, world=1)
+        wait_prepared(wb)
         req = Req(tokens)
         assert lookup_until_answered(sched, req) == (512, True)
         sched.update_state_after_alloc(req, blocks_of(range(40, 72)), 512)
         meta = sched.build_connector_meta(sched_output())
+        old_boot = wb._client.boot_id
         srv.stop()  # the server goes away between the scheduler's lookup and the worker's load
         srv.start()
+        # Once the worker has heard of the new boot (any call of its, here one from the test),
+        # the scheduler's offsets are of a boot whose leases died with it: never used.
+        deadline = time.monotonic() + 10
+        while wb._client.boot_id == old_boot:
+            assert time.monotonic() < deadline, "the worker never saw the new server"
+            try:
+                wb._client.stats()
+            except KVDepotError:
+                time.sleep(0.05)
         wb.start_load_kv(meta)
         recv, _, errors = drain(wb, want_recv={req.request_id})
         # Reported in the same get_finished round as the request itself.

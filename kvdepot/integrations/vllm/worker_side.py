@@ -12,6 +12,9 @@
   interpreter's 5 ms switch interval while the other thread runs Python, and did (20 ms of an
   8k-token hit). Otherwise (CPU, no offsets, a server boot the arena is not mapped for) the
   I/O thread loads: with the scheduler's offsets, or acquiring this rank's slots itself.
+  Offsets are used only in the mapping of the boot they came from; a worker that has not yet
+  heard that the server restarted still reads committed bytes there (a dead server's segment
+  stays mapped and nothing writes it any more); once it has, it asks the new server.
   Chunks this rank could not get, and any error, become failed blocks, reported through
   ``get_block_ids_with_load_errors`` no later than the step in which the request is reported
   finished, so vLLM recomputes them instead of reading garbage.
