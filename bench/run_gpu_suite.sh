@@ -2,7 +2,7 @@
 # The GPU machine's share of the work, in one call (device time is scarce): GPU tests, then
 # benchmarks. Needs the slim vLLM bundle in .vllmslim/carry (../shared/tools/vllm-gpu/build.sh).
 #
-#   bash bench/run_gpu_suite.sh OUT_DIR [tests] [e2e] [transfer] [ttft] [ttft-trace]
+#   bash bench/run_gpu_suite.sh OUT_DIR [tests] [e2e] [transfer] [trace] [ttft] [ttft-trace]
 #
 # Each stage has its own time limit, so one that hangs cannot cost the others' results. OUT_DIR
 # gets few files (the device tool returns at most 8): stages.txt, the benchmarks' JSON and
@@ -36,6 +36,8 @@ for s in $stages; do
     e2e-auto | e2e-async) stage vllm_gpu_e2e_${s#e2e-} 240 python3 -m pytest \
             tests/test_vllm_gpu_e2e.py -q -x -k "${s#e2e-}" -p no:cacheprovider ;;
     transfer) stage gpu_transfer 200 python3 bench/gpu_transfer.py --out "$out/gpu_transfer.json" ;;
+    trace) stage trace_single_chunk 150 python3 bench/trace_single_chunk.py \
+            --out "$out/trace_single_chunk.json" ;;
     ttft) stage vllm_gpu_ttft 420 python3 bench/vllm_gpu_ttft.py --repeat 5 --buffer-gb 60 \
             --modes kvdepot-store kvdepot-load kvdepot-load-async offload \
             --out "$out/vllm_gpu_ttft.json" ;;

@@ -216,7 +216,8 @@ def test_fused_kernel_unaligned_pieces_under_interpreter(monkeypatch):
 
 # -- on a GPU ------------------------------------------------------------------------------
 
-GPU_ENGINES = ["gpu-dma", "gpu-dma-loop", "gpu-triton", "gpu-triton-staged", "staged-devtable"]
+GPU_ENGINES = ["gpu-dma", "gpu-dma-loop", "dma-python-issue", "gpu-triton", "gpu-triton-staged",
+               "staged-devtable", "staged-python-issue"]
 
 
 def _engine(name, layout, arena, **kw):
@@ -224,9 +225,15 @@ def _engine(name, layout, arena, **kw):
 
     if name == "gpu-dma-loop":
         return make_gpu_transfer(layout, arena, CHUNK, engine="gpu-dma", batch=False, **kw)
+    if name == "dma-python-issue":
+        return make_gpu_transfer(layout, arena, CHUNK, engine="gpu-dma", native_issue=False, **kw)
     if name == "staged-devtable":
         name = "gpu-triton-staged"
         kw.setdefault("table_on_host", False)
+        kw.setdefault("native_issue", False)  # the device ring is the Python path's
+    if name == "staged-python-issue":
+        name = "gpu-triton-staged"
+        kw.setdefault("native_issue", False)
     if name == "gpu-triton-staged":
         kw.setdefault("staging_bytes", 1)  # one chunk at a time: exercises the grouping
     return make_gpu_transfer(layout, arena, CHUNK, engine=name, **kw)
@@ -468,7 +475,9 @@ def test_native_launches_match_tritons_launcher(kind, engine, shm_arena):
     arenas = {}
     for native in (False, True):
         shm_arena[: end + 4096].fill_(0xEE)
-        with _engine(engine, layout, shm_arena, native_launch=native) as eng:
+        # (Issued from Python: natively issued staged transfers launch from C.)
+        with _engine(engine, layout, shm_arena, native_launch=native,
+                     native_issue=False) as eng:
             for chunks in plans:
                 eng.store(chunks)
             torch.cuda.synchronize()
@@ -484,3 +493,62 @@ def test_native_launches_match_tritons_launcher(kind, engine, shm_arena):
             for b, o in zip(bufs, originals):
                 b.copy_(o)
     assert torch.equal(arenas[True], arenas[False])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("options", [
+    dict(engine="gpu-dma"),
+    dict(engine="gpu-dma", batch=False),
+    dict(engine="gpu-triton-staged"),
+    dict(engine="gpu-triton-staged", staging_bytes=1),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("kind", ["v026", "kv_split", "mla026", "BLHNC"])
+def test_native_issue_matches_python_issue(kind, options, shm_arena):
+    """Transfers issued from C (native/issue.c: runs merged and batched there; staging
+    buffers reused, launch tables in their own ring) leave exactly the bytes of the same
+    engine issued from Python, over batches of varying size issued back to back behind a busy
+    model stream, both ways; and the C path is really taken."""
+    from kvdepot.transfer.gpu import make_gpu_transfer
+
+    if options["engine"] == "gpu-triton-staged" and not triton_available():
+        pytest.skip("needs triton")
+    batches = [1, 3, 2, 1, 4]
+    total = sum(batches)
+    layout, caches, bufs = _layout(kind, layers=4, heads=2, head_dim=64, device="cuda",
+                                   num_blocks=16 * total + 3)
+    slot = layout.slot_bytes(CHUNK)
+    ids = torch.randperm(layout.num_blocks, generator=torch.Generator().manual_seed(11)).tolist()
+    plans, base, used = [], 4096 + 16, 0
+    for n in batches:
+        plans.append([ChunkCopy(base + i * slot, ids[(used + i) * 16 : (used + i + 1) * 16])
+                      for i in range(n)])
+        base += n * slot
+        used += n
+    end = base
+    assert end + 4096 <= shm_arena.numel()
+    originals = [b.clone() for b in bufs]
+    arenas, loaded = {}, {}
+    for native in (False, True):
+        shm_arena[: end + 4096].fill_(0xEE)
+        with make_gpu_transfer(layout, shm_arena, CHUNK, native_issue=native, **options) as eng:
+            assert eng.issues_natively == native
+            torch.cuda._sleep(20_000_000)  # the stores must wait for the model's work
+            for chunks in plans:
+                eng.store(chunks)
+            torch.cuda.synchronize()
+            arenas[native] = shm_arena[: end + 4096].clone()
+            for b in bufs:
+                b.view(torch.uint8).fill_(0x11)
+            handles = [eng.load(chunks) for chunks in plans]
+            for h in handles:
+                h.stream_wait()
+            torch.cuda.synchronize()
+            loaded[native] = [b.clone() for b in bufs]
+            _check_loaded(layout, bufs, originals, [c for p in plans for c in p], 0x11)
+            for b, o in zip(bufs, originals):
+                b.copy_(o)
+    assert torch.equal(arenas[True], arenas[False])
+    assert bool((arenas[True][:4096 + 16] == 0xEE).all())
+    for a, b in zip(loaded[True], loaded[False]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # (random bits: NaNs)

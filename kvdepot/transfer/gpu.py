@@ -31,6 +31,7 @@ Ordering, without host synchronisation on the critical path:
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
@@ -41,7 +42,9 @@ import numpy as np
 import torch
 
 from kvdepot.transfer.base import ChunkCopy, check_engine_args
+from kvdepot.transfer import native_issue
 from kvdepot.transfer.layout import PagedLayout
+from kvdepot.transfer.native_launch import KernelSpec, cuda_driver
 from kvdepot.transfer.pinning import (
     MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE,
     SRC_ACCESS_ORDER_STREAM,
@@ -53,6 +56,10 @@ from kvdepot.transfer.pinning import (
 )
 
 log = logging.getLogger(__name__)
+
+# The current stream's raw handle, the way Triton's launcher gets it: torch.cuda.current_stream
+# builds a Stream object, microseconds per call on the hot path.
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 # Below this run size one copy per run loses to a kernel (facts: 256 KB ~20 GB/s, 1 MB ~48,
 # 2 MB+ 51-54 GB/s per cudaMemcpyAsync on the H200's PCIe Gen5 link).
@@ -84,39 +91,81 @@ def choose_engine(layout: PagedLayout, *, triton_ok: bool | None = None) -> tupl
     return "gpu-dma", f"{run} B pieces, triton not installed: DMA fallback (slow)"
 
 
-class GpuHandle:
-    """Completion of one enqueued batch."""
+class _EventPool:
+    """Completion events, reused: creating and destroying one per transfer cost microseconds
+    on the GPU machines. A handle gives its event back once it is garbage: nobody can ask about
+    it any more, and waits already enqueued on it captured its state when they were."""
 
-    def __init__(
-        self,
-        event: torch.cuda.Event | None,
-        nbytes: int = 0,
-        device: torch.device | None = None,
-        start: torch.cuda.Event | None = None,
-    ):
+    def __init__(self, rt, device: torch.device):
+        self.rt = rt
+        self.device = device
+        self.free: list[int] = []
+        self.closed = False
+
+    def take(self) -> int:
+        try:
+            return self.free.pop()
+        except IndexError:
+            with torch.cuda.device(self.device):
+                return self.rt.event_create()
+
+    def give(self, event: int) -> None:
+        if self.closed:
+            self.rt.event_destroy(event)
+        else:
+            self.free.append(event)
+
+    def close(self) -> None:
+        self.closed = True
+        while self.free:
+            self.rt.event_destroy(self.free.pop())
+
+
+class GpuHandle:
+    """Completion of one enqueued batch: a raw CUDA event recorded after its last operation
+    (and, for engines built with timing=True, one at its start), owned by the handle."""
+
+    def __init__(self, rt=None, event: int = 0, nbytes: int = 0,
+                 device: torch.device | None = None, start: int = 0,
+                 pool: _EventPool | None = None):
+        self.rt = rt
         self.event = event
         self.nbytes = nbytes
         self.device = device
         self.start = start
+        self._pool = pool
 
     def device_ms(self) -> float | None:
         """GPU time from the copy's turn on its stream to its end (engines built with
         timing=True; call once done)."""
-        if self.start is None or self.event is None:
+        if not self.start or not self.event:
             return None
-        return self.start.elapsed_time(self.event)
+        return self.rt.elapsed_ms(self.start, self.event)
 
     def done(self) -> bool:
-        return self.event is None or self.event.query()
+        return not self.event or self.rt.query(self.event)
 
     def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
+        if self.event:
+            self.rt.synchronize(self.event)
 
     def stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
         """Order ``stream``'s (default: the current stream's) later work after this copy."""
-        if self.event is not None:
-            (stream or torch.cuda.current_stream(self.device)).wait_event(self.event)
+        if self.event:
+            stream = stream or torch.cuda.current_stream(self.device)
+            self.rt.wait(stream.cuda_stream, self.event)
+
+    def __del__(self):
+        try:
+            if self.event and self._pool is not None:
+                self._pool.give(self.event)
+            elif self.event:
+                self.rt.event_destroy(self.event)
+            if self.start:
+                self.rt.event_destroy(self.start)  # CUDA frees it once it has completed
+        except Exception:  # interpreter shutdown
+            pass
+        self.event = self.start = 0
 
 
 class _Plan:
@@ -147,6 +196,7 @@ class _Plan:
 
 class _GpuTransfer:
     name = "gpu"
+    issues_natively = False  # whether transfers are issued from C (native_issue)
 
     def __init__(
         self,
@@ -157,6 +207,7 @@ class _GpuTransfer:
         pin: bool = True,
         background_pin: bool = True,
         timing: bool = False,
+        native_issue: bool = True,
     ):
         check_engine_args(type(self).__name__, "cuda", layout, arena, chunk_tokens)
         self.layout = layout
@@ -178,7 +229,10 @@ class _GpuTransfer:
             # it is enqueued, so reuse is safe. Raw CUDA events: the hot path's few
             # records and waits cost ~1 us each through ctypes, ~5 us through torch.
             self._fence = {True: self.rt.event_create(), False: self.rt.event_create()}
+        self._events = _EventPool(self.rt, self.device)
         self.timing = timing
+        # Subclasses set up their C issue path when this allows it and it builds.
+        self.use_native_issue = native_issue
         # Calls of one direction may come from two threads (vLLM's engine thread enqueues
         # loads, the connector's I/O thread its fallback loads): one at a time per direction.
         self._direction_lock = {True: threading.Lock(), False: threading.Lock()}
@@ -203,6 +257,7 @@ class _GpuTransfer:
         self.load_stream.synchronize()
         for event in self._fence.values():
             self.rt.event_destroy(event)
+        self._events.close()
         if self._pin is not None:
             release_arena(self._pin)
             self._pin = None
@@ -252,7 +307,7 @@ class _GpuTransfer:
         if self._closed:
             raise RuntimeError("transfer engine is closed")
         if not chunks:
-            return GpuHandle(None)
+            return GpuHandle()
         slots, bids = self._validate(chunks)
         if not self._pinned:
             if self._pin is not None:
@@ -262,27 +317,46 @@ class _GpuTransfer:
             return self._submit_locked(slots, bids, to_slot, after, len(chunks))
 
     def _submit_locked(self, slots, bids, to_slot: bool, after, n_chunks: int) -> GpuHandle:
-        # Host time here delays the first byte (each torch or CUDA call costs microseconds
-        # on the GPU machines): one reused event orders us after the producer, and nothing
-        # else is built per call but the completion event.
-        stream = self.store_stream if to_slot else self.load_stream
-        producer = after or torch.cuda.current_stream(self.device)
-        fence = self._fence[to_slot]
-        self.rt.record(fence, producer.cuda_stream)
-        self.rt.wait(stream.cuda_stream, fence)
-        start = None
+        if after is not None:
+            producer = after.cuda_stream
+        elif _current_raw_stream is not None:
+            producer = _current_raw_stream(self.device.index)
+        else:
+            producer = torch.cuda.current_stream(self.device).cuda_stream
+        rt = self.rt
         if self.timing:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record(stream)
+            done, start, pool = rt.event_create(timing=True), rt.event_create(timing=True), None
+        else:
+            done, start, pool = self._events.take(), 0, self._events
+        handle = GpuHandle(rt, done, n_chunks * self.slot_bytes, self.device, start, pool)
+        self._issue(to_slot, slots, bids, producer, self._fence[to_slot], start, done)
+        return handle
+
+    def _issue(self, to_slot: bool, slots, bids, producer: int, fence: int, start: int,
+               done: int) -> None:
+        """Enqueue the whole transfer after the work on ``producer`` (a stream handle),
+        using the reusable event ``fence``; record ``start`` (if any) when the copy's turn
+        comes and ``done`` after its end. This, Python's way, costs a few microseconds per
+        CUDA call: engines with a native issue path override it."""
+        rt = self.rt
+        stream = self.store_stream if to_slot else self.load_stream
+        rt.record(fence, producer)
+        rt.wait(stream.cuda_stream, fence)
+        if start:
+            rt.record(start, stream.cuda_stream)
         last = self._enqueue(to_slot, slots, bids, stream, fence) or stream
-        event = torch.cuda.Event(enable_timing=self.timing)
-        event.record(last)
-        return GpuHandle(event, n_chunks * self.slot_bytes, self.device, start)
+        rt.record(done, last.cuda_stream)
 
     def _enqueue(self, to_slot: bool, slots, bids, stream, fence) -> torch.cuda.Stream | None:
         """Enqueue the copy on ``stream`` (already after ``fence``, the producer's work);
         returns the stream whose end covers all of it, None for ``stream``."""
         raise NotImplementedError
+
+    def _native_call(self, fn, *args) -> None:
+        failed = ctypes.c_int32(0)
+        code = fn(*args, ctypes.addressof(failed))
+        if code:
+            native_issue.raise_failure(code, failed.value, self.rt, cuda_driver())
 
 
 def _runs(plan: _Plan, arena_ptr: int, slots: np.ndarray, bids: np.ndarray):
@@ -315,6 +389,35 @@ class DmaTransfer(_GpuTransfer):
         self._attrs.srcAccessOrder = SRC_ACCESS_ORDER_STREAM
         self._attrs.flags = MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
         self._arena_ptr = self.arena.data_ptr()
+        self._native = self._build_native() if self.use_native_issue else None
+        self.issues_natively = self._native is not None
+
+    def _build_native(self):
+        lib = native_issue.library()
+        if lib is None:
+            return None
+        plan = self.plan
+        ptrs = np.ascontiguousarray(plan.plane_ptr.reshape(-1))
+        strides = np.ascontiguousarray(plan.plane_stride.reshape(-1))
+        batch = native_issue.function_address(self.rt.batch_function) if self.use_batch else 0
+        c = native_issue.DmaPlan(
+            plane_ptr=ptrs.ctypes.data, plane_stride=strides.ctypes.data, piece=plan.piece,
+            slot_plane_stride=plan.slot_plane_stride, slot_block_stride=plan.slot_block_stride,
+            arena=self._arena_ptr, batch=batch or None,
+            batch_attrs=ctypes.addressof(self._attrs),
+            batch_has_fail_idx=int(self.rt.batch_has_fail_idx),
+            n_planes=len(plan.views), bpc=self.blocks_per_chunk,
+        )
+        api = native_issue.make_api(self.rt, cuda_driver())
+        return lib.kvd_dma, (ctypes.addressof(api), ctypes.addressof(c)), (ptrs, strides, c, api)
+
+    def _issue(self, to_slot, slots, bids, producer, fence, start, done):
+        if self._native is None:
+            return super()._issue(to_slot, slots, bids, producer, fence, start, done)
+        fn, (api, plan), _ = self._native
+        stream = self.store_stream if to_slot else self.load_stream
+        self._native_call(fn, api, plan, slots.ctypes.data, bids.ctypes.data, len(slots),
+                          int(to_slot), producer, stream.cuda_stream, fence, start, done)
 
     def _enqueue(self, to_slot, slots, bids, stream, fence):
         cache, slot, sizes = _runs(self.plan, self._arena_ptr, slots, bids)
@@ -353,6 +456,7 @@ class TritonTransfer(_GpuTransfer):
         from kvdepot.transfer import triton_copy  # lazily: triton is optional
 
         super().__init__(*args, **kw)
+        self.table_on_host = table_on_host
         if self._pin is None and type(self) is TritonTransfer:
             raise ValueError("the UVA kernel needs the arena pinned (pin=True)")
         # A block-major layout comes as one view of whole blocks, so slot order is plain
@@ -425,6 +529,82 @@ class StagedTritonTransfer(TritonTransfer):
         self._used = {d: [False, False] for d in (True, False)}
         self._next = {True: 0, False: 0}
         self._offsets = np.arange(self.staging_chunks, dtype=np.int64) * self.slot_bytes
+        self._native = None
+        self._native_events: list[int] = []
+        # The C path reads its launch tables from pinned host memory, over UVA.
+        if self.use_native_issue and self.table_on_host:
+            try:
+                self._native = self._build_native()
+            except Exception as exc:  # a Triton or driver detail we did not foresee
+                log.warning("native issue of staged transfers off: %r", exc)
+                self._native = None
+        self.issues_natively = self._native is not None
+
+    def _build_native(self):
+        """The C plan of this engine: both directions' compiled kernels, staging buffers,
+        events, and a launch-table ring per direction; None where it cannot be used."""
+        lib, driver = native_issue.library(), cuda_driver()
+        if lib is None or driver is None:
+            return None
+        c = native_issue.StagedPlan()
+        bpc = self.blocks_per_chunk
+        ring_slots, entries = 64, self.staging_chunks * (1 + bpc)
+        # Triton specializes pointer arguments on 16-byte divisibility: every staging buffer
+        # must share the compiled one's.
+        if any(b.data_ptr() % 16 for bufs in self._buffers.values() for b in bufs):
+            return None
+        u = None
+        for d in (True, False):
+            buf = self._buffers[d][0]
+            compiled, u = self.copier.compile(to_slot=d, slot_base=buf.data_ptr(), slot_owner=buf,
+                                              bpc=bpc, stream=self.kernel_streams[d])
+            spec = KernelSpec.from_triton(compiled, native_issue.N_POINTERS,
+                                          native_issue.MAX_SCALARS)
+            if spec is None or spec.n_extra > native_issue.MAX_EXTRA:
+                return None
+            largest = ((ring_slots - 1) * entries, self.staging_chunks, self.copier.n_planes, bpc,
+                       bpc * u["piece_units"], u["piece_units"], u["piece_units"], u["tiles"])
+            if not spec.fits(largest):
+                return None
+            k = c.kernel[int(d)]
+            k.function, k.block_threads = spec.function, spec.block_threads
+            k.shared_bytes, k.n_extra = spec.shared_bytes, spec.n_extra
+            k.scalar_size[:] = spec.scalar_sizes
+        c.cache = self.copier.cache_base
+        c.plane_off, c.plane_stride = u["plane_off"].data_ptr(), u["plane_stride"].data_ptr()
+        c.n_planes, c.bpc = self.copier.n_planes, bpc
+        c.unit, c.piece_units, c.tiles = u["unit"], u["piece_units"], u["tiles"]
+        c.slot_bytes = self.slot_bytes
+        c.arena = self.arena.data_ptr()
+        c.staging_chunks, c.max_programs = self.staging_chunks, u["max_programs"]
+        keep = [c]
+        for d in (True, False):
+            i = int(d)
+            for b in range(2):
+                c.staging[i][b] = self._buffers[d][b].data_ptr()
+                c.filled[i][b], c.freed[i][b] = self._filled[d][b], self._freed[d][b]
+            c.kernel_stream[i] = self.kernel_streams[d].cuda_stream
+            c.copy_stream[i] = (self.store_stream if d else self.load_stream).cuda_stream
+            table = torch.zeros(ring_slots * entries, dtype=torch.int64, pin_memory=True)
+            events = (ctypes.c_void_p * ring_slots)(
+                *[self.rt.event_create() for _ in range(ring_slots)])
+            self._native_events += list(events)
+            in_flight = (ctypes.c_uint8 * ring_slots)()
+            keep += [table, events, in_flight]
+            r = c.ring[i]
+            r.host, r.device = table.data_ptr(), driver.device_pointer(table.data_ptr())
+            r.events, r.in_flight = ctypes.addressof(events), ctypes.addressof(in_flight)
+            r.slots, r.entries = ring_slots, entries
+        api = native_issue.make_api(self.rt, driver)
+        keep.append(api)
+        return lib.kvd_staged, (ctypes.addressof(api), ctypes.addressof(c)), keep
+
+    def _issue(self, to_slot, slots, bids, producer, fence, start, done):
+        if self._native is None:
+            return super()._issue(to_slot, slots, bids, producer, fence, start, done)
+        fn, (api, plan), _ = self._native
+        self._native_call(fn, api, plan, slots.ctypes.data, bids.ctypes.data, len(slots),
+                          int(to_slot), producer, fence, start, done)
 
     def _enqueue(self, to_slot, slots, bids, stream, fence):
         kstream = self.kernel_streams[to_slot]
@@ -478,9 +658,10 @@ class StagedTritonTransfer(TritonTransfer):
         if not self._closed:
             for s in self.kernel_streams.values():
                 s.synchronize()
-            for events in (*self._filled.values(), *self._freed.values()):
+            for events in (*self._filled.values(), *self._freed.values(), self._native_events):
                 for event in events:
                     self.rt.event_destroy(event)
+            self._native = None
         super().close()
 
 

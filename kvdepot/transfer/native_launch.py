@@ -21,6 +21,7 @@ import ctypes
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,18 @@ def cuda_driver() -> CudaDriver | None:
         return _driver
 
 
-class NativeLaunch:
-    """One compiled kernel with fixed pointer arguments and per-launch integer arguments."""
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a launch of one compiled kernel needs besides its arguments."""
 
-    def __init__(self, driver: CudaDriver, function: int, block: int, shared: int,
-                 pointers: Sequence[int], scalar_sizes: Sequence[int], extra: int):
-        self.driver = driver
-        self.function = ctypes.c_void_p(function)
-        self.block = block
-        self.shared = shared
-        self._pointers = [ctypes.c_uint64(driver.device_pointer(p)) for p in pointers]
-        self._scalars = [ctypes.c_uint32() if s == 4 else ctypes.c_uint64() for s in scalar_sizes]
-        self._masks = [(1 << (8 * s)) - 1 for s in scalar_sizes]
-        self._extra = [ctypes.c_uint64(0) for _ in range(extra)]
-        storage = self._pointers + self._scalars + self._extra
-        self._params = (ctypes.c_void_p * len(storage))(
-            *[ctypes.addressof(v) for v in storage]
-        )
+    function: int  # CUfunction
+    block_threads: int
+    shared_bytes: int
+    scalar_sizes: tuple[int, ...]  # widths (4 or 8) of the integer arguments, in order
+    n_extra: int  # trailing pointer-sized scratch arguments, passed as zeros
 
     @classmethod
-    def from_triton(cls, compiled, pointers: Sequence[int], n_scalars: int) -> NativeLaunch | None:
+    def from_triton(cls, compiled, n_pointers: int, n_scalars: int) -> KernelSpec | None:
         """From Triton's CompiledKernel (what launching it returned), or None with the reason
         logged when this kernel cannot be launched natively."""
         driver = cuda_driver()
@@ -133,21 +126,51 @@ class NativeLaunch:
             log.info("native launch off for %s: %s", getattr(compiled, "name", "?"), why)
             return None
         sizes = driver.param_sizes(int(function))
-        n_ptr = len(pointers)
-        fixed = n_ptr + n_scalars
+        fixed = n_pointers + n_scalars
         extra = sizes[fixed:]
         if (
             len(sizes) < fixed
-            or any(s != 8 for s in sizes[:n_ptr])
-            or any(s not in (4, 8) for s in sizes[n_ptr:fixed])
+            or any(s != 8 for s in sizes[:n_pointers])
+            or any(s not in (4, 8) for s in sizes[n_pointers:fixed])
             or any(s != 8 for s in extra)
         ):
             log.info("native launch off for %s: parameter sizes %s do not match %d pointers + "
-                     "%d integers", getattr(compiled, "name", "?"), sizes, n_ptr, n_scalars)
+                     "%d integers", getattr(compiled, "name", "?"), sizes, n_pointers, n_scalars)
             return None
         warp = getattr(meta, "warp_size", 32) or 32
-        return cls(driver, int(function), meta.num_warps * warp, meta.shared, pointers,
-                   sizes[n_ptr:fixed], len(extra))
+        return cls(int(function), meta.num_warps * warp, meta.shared,
+                   tuple(sizes[n_pointers:fixed]), len(extra))
+
+    def fits(self, scalars: Sequence[int]) -> bool:
+        """Whether these integer values fit this compilation's widths (signed)."""
+        return all(size == 8 or -(1 << 31) <= v < (1 << 31)
+                   for size, v in zip(self.scalar_sizes, scalars))
+
+
+class NativeLaunch:
+    """One compiled kernel with fixed pointer arguments and per-launch integer arguments."""
+
+    def __init__(self, driver: CudaDriver, spec: KernelSpec, pointers: Sequence[int]):
+        self.driver = driver
+        self.function = ctypes.c_void_p(spec.function)
+        self.block = spec.block_threads
+        self.shared = spec.shared_bytes
+        self._pointers = [ctypes.c_uint64(driver.device_pointer(p)) for p in pointers]
+        self._scalars = [ctypes.c_uint32() if s == 4 else ctypes.c_uint64()
+                         for s in spec.scalar_sizes]
+        self._masks = [(1 << (8 * s)) - 1 for s in spec.scalar_sizes]
+        self._extra = [ctypes.c_uint64(0) for _ in range(spec.n_extra)]
+        storage = self._pointers + self._scalars + self._extra
+        self._params = (ctypes.c_void_p * len(storage))(
+            *[ctypes.addressof(v) for v in storage]
+        )
+
+    @classmethod
+    def from_triton(cls, compiled, pointers: Sequence[int], n_scalars: int) -> NativeLaunch | None:
+        spec = KernelSpec.from_triton(compiled, len(pointers), n_scalars)
+        if spec is None:
+            return None
+        return cls(cuda_driver(), spec, pointers)
 
     def __call__(self, grid: int, stream: int, scalars: Sequence[int]) -> int:
         """Enqueue on ``stream`` (a cudaStream_t/CUstream handle); returns the CUresult.

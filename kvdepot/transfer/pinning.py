@@ -126,6 +126,8 @@ class CudaRuntime:
         lib.cudaEventQuery.restype = c_int
         lib.cudaEventSynchronize.argtypes = [vp]
         lib.cudaEventSynchronize.restype = c_int
+        lib.cudaEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), vp, vp]
+        lib.cudaEventElapsedTime.restype = c_int
         v = c_int(0)
         lib.cudaRuntimeGetVersion(ctypes.byref(v))
         self.version = v.value
@@ -148,6 +150,11 @@ class CudaRuntime:
     @property
     def has_batch_memcpy(self) -> bool:
         return self._batch is not None
+
+    @property
+    def batch_function(self):
+        """The cudaMemcpyBatchAsync entry point (has_batch_memcpy), for native callers."""
+        return self._batch
 
     def check(self, code: int, call: str) -> None:
         if code != 0:
@@ -176,12 +183,21 @@ class CudaRuntime:
         )
         return int(out.value or 0)
 
-    def event_create(self) -> int:
-        """A new event without timing (on the current device); free with event_destroy."""
+    def event_create(self, timing: bool = False) -> int:
+        """A new event (on the current device), with timing only where asked; free with
+        event_destroy."""
         out = ctypes.c_void_p()
-        self.check(self.lib.cudaEventCreateWithFlags(ctypes.byref(out), EVENT_DISABLE_TIMING),
+        flags = 0 if timing else EVENT_DISABLE_TIMING
+        self.check(self.lib.cudaEventCreateWithFlags(ctypes.byref(out), flags),
                    "cudaEventCreateWithFlags")
         return int(out.value or 0)
+
+    def elapsed_ms(self, start: int, end: int) -> float:
+        """GPU time between two completed timing events."""
+        out = ctypes.c_float()
+        self.check(self.lib.cudaEventElapsedTime(ctypes.byref(out), start, end),
+                   "cudaEventElapsedTime")
+        return out.value
 
     def event_destroy(self, event: int) -> None:
         self.lib.cudaEventDestroy(event)
