@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# A C compiler: the native transfer issue path (kvdepot/transfer/native) is built with it, and
+# its tests run on this machine too (they skip, with the reason, where none can be had).
+if ! command -v cc >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq gcc; } >/dev/null 2>&1 ||
+        echo "warning: no C compiler and none installed; the native issue tests will skip" >&2
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

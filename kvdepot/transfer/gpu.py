@@ -13,12 +13,18 @@ Engines, one contract (kvdepot.transfer.base):
   an H200: a concurrent matmul loop ran 72% slower, against ~0% for the other two).
 ``make_gpu_transfer`` picks one from the layout (``choose_engine``).
 
+Issue: the DMA and staged engines enqueue a whole transfer with one call into C
+(native_issue.py; measured on the H200 machine, ~25-35 us of host time for a single chunk
+against ~55-60 us op by op from Python, which delayed the first byte of a 0.8 ms copy). Where
+no C compiler is found they issue the same operations from Python.
+
 Ordering, without host synchronisation on the critical path:
 - Each direction has its own streams, so stores and loads overlap (the link is full duplex).
-- store() and load() first make their streams wait for everything already enqueued on the
-  caller's stream (the model's; ``after=None`` means the current stream): a store reads a
-  layer's blocks only after the kernels that wrote them, a load does not overwrite blocks
-  the model is still reading from a previous owner.
+- The work of store() and load() that touches the cache first waits for everything already
+  enqueued on the caller's stream (the model's; ``after=None`` means the current stream): a
+  store reads a layer's blocks only after the kernels that wrote them, a load does not
+  overwrite blocks the model is still reading from a previous owner (a staged load's DMA into
+  its staging buffer need not wait).
 - The returned handle carries an event recorded after the copy. ``handle.stream_wait()``
   makes the model's stream wait for a load before it reads the blocks (no host block);
   ``handle.done()`` polls, ``handle.wait()`` blocks the host.

@@ -76,29 +76,15 @@ def _kv_copy(
     total = n_chunks * n_planes * bpc * tiles
     lanes = tl.arange(0, TILE)
     table = table_ptr + table_off
-    # The table usually lives in pinned host memory, a PCIe round trip per load: each work
-    # item's entries are loaded one iteration ahead, so that latency overlaps a tile's copy
-    # instead of preceding it (measured on an H200: a 40 MiB gather took 30-35 us with the
-    # loads in line, 21-23 us with the table in device memory).
-    piece_next = pid // tiles
-    c_next = piece_next // bpc // n_planes
-    block_next = tl.load(table + n_chunks + c_next * bpc + piece_next % bpc, mask=pid < total,
-                         other=0)
-    slot_next = tl.load(table + c_next, mask=pid < total, other=0)
     for w in tl.range(pid, total, nprog):
-        block = block_next
-        slot = slot_next
-        w_next = w + nprog
-        piece_next = w_next // tiles
-        c_next = piece_next // bpc // n_planes
-        block_next = tl.load(table + n_chunks + c_next * bpc + piece_next % bpc,
-                             mask=w_next < total, other=0)
-        slot_next = tl.load(table + c_next, mask=w_next < total, other=0)
         tile = w % tiles
         piece = w // tiles
         j = piece % bpc
         rest = piece // bpc
         p = rest % n_planes
+        c = rest // n_planes
+        block = tl.load(table + n_chunks + c * bpc + j)
+        slot = tl.load(table + c)
         src = tl.load(plane_off_ptr + p) + block * tl.load(plane_stride_ptr + p)
         dst = slot + p.to(tl.int64) * slot_plane_stride + j.to(tl.int64) * slot_block_stride
         src = tl.multiple_of(src, VEC)
