@@ -450,6 +450,22 @@ def test_bad_requests_raise(shm_arena):
             eng.load([ChunkCopy(0, [layout.num_blocks] * 16)])
 
 
+def _disjoint_batches(kind, batches, *, seed, base):
+    """(layout, buffers, batches of chunks, arena end) on the GPU: consecutive slots from
+    ``base``, every chunk its own blocks, so loads never overwrite each other."""
+    layout, caches, bufs = _layout(kind, layers=4, heads=2, head_dim=64, device="cuda",
+                                   num_blocks=16 * sum(batches) + 3)
+    slot = layout.slot_bytes(CHUNK)
+    ids = torch.randperm(layout.num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    plans, used = [], 0
+    for n in batches:
+        plans.append([ChunkCopy(base + i * slot, ids[(used + i) * 16 : (used + i + 1) * 16])
+                      for i in range(n)])
+        base += n * slot
+        used += n
+    return layout, bufs, plans, base
+
+
 @gpu
 @needs_cuda
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -459,19 +475,7 @@ def test_native_launches_match_tritons_launcher(kind, engine, shm_arena):
     """After the first launch of a specialization, launches go straight to cuLaunchKernel:
     many calls of varying batch sizes (table offsets and chunk counts change, pointers do not)
     leave exactly the bytes of Triton's own launcher, both ways."""
-    batches = [1, 3, 2, 1, 2]
-    total = sum(batches)
-    layout, caches, bufs = _layout(kind, layers=4, heads=2, head_dim=64, device="cuda",
-                                   num_blocks=16 * total + 3)
-    slot = layout.slot_bytes(CHUNK)
-    ids = torch.randperm(layout.num_blocks, generator=torch.Generator().manual_seed(10)).tolist()
-    plans, base, used = [], 4096, 0
-    for n in batches:  # every chunk its own blocks: loads never overwrite each other
-        plans.append([ChunkCopy(base + i * slot, ids[(used + i) * 16 : (used + i + 1) * 16])
-                      for i in range(n)])
-        base += n * slot
-        used += n
-    end = base
+    layout, bufs, plans, end = _disjoint_batches(kind, [1, 3, 2, 1, 2], seed=10, base=4096)
     arenas = {}
     for native in (False, True):
         shm_arena[: end + 4096].fill_(0xEE)
@@ -513,19 +517,7 @@ def test_native_issue_matches_python_issue(kind, options, shm_arena):
 
     if options["engine"] == "gpu-triton-staged" and not triton_available():
         pytest.skip("needs triton")
-    batches = [1, 3, 2, 1, 4]
-    total = sum(batches)
-    layout, caches, bufs = _layout(kind, layers=4, heads=2, head_dim=64, device="cuda",
-                                   num_blocks=16 * total + 3)
-    slot = layout.slot_bytes(CHUNK)
-    ids = torch.randperm(layout.num_blocks, generator=torch.Generator().manual_seed(11)).tolist()
-    plans, base, used = [], 4096 + 16, 0
-    for n in batches:
-        plans.append([ChunkCopy(base + i * slot, ids[(used + i) * 16 : (used + i + 1) * 16])
-                      for i in range(n)])
-        base += n * slot
-        used += n
-    end = base
+    layout, bufs, plans, end = _disjoint_batches(kind, [1, 3, 2, 1, 4], seed=11, base=4096 + 16)
     assert end + 4096 <= shm_arena.numel()
     originals = [b.clone() for b in bufs]
     arenas, loaded = {}, {}

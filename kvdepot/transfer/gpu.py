@@ -688,8 +688,9 @@ def make_gpu_transfer(
 ) -> _GpuTransfer:
     """Build the transfer engine for this layout: ``engine="auto"`` applies ``choose_engine``;
     a name from ENGINES forces one. ``options`` go to the engine: pin, background_pin, timing
-    (handles report device_ms()), and where they apply batch (DMA: cudaMemcpyBatchAsync or a
-    loop), max_programs / num_warps / table_on_host / native_launch (kernel), staging_bytes
+    (handles report device_ms()), native_issue (False: issue from Python even where the C
+    helper builds), and where they apply batch (DMA: cudaMemcpyBatchAsync or a loop),
+    max_programs / num_warps / table_on_host / native_launch (kernel), staging_bytes
     (staged)."""
     if engine == "auto":
         engine, why = choose_engine(layout)
