@@ -84,6 +84,19 @@ def test_lru_policy_order():
     lru.remove("zz")  # absent: ignored
 
 
+def test_lru_touch_all_skips_untracked_keys_and_keeps_order():
+    lru = LRUPolicy()
+    for k in "abcdef":
+        lru.insert(k)
+    lru.remove("c")  # leased, say: not evictable, not tracked
+    lru.touch_all(iter("xacfbz"))  # untracked keys first, in the middle and last
+    order = []
+    while lru.victim() is not None:
+        order.append(lru.victim())
+        lru.remove(order[-1])
+    assert order == ["d", "e", "a", "f", "b"]
+
+
 # --- core ---------------------------------------------------------------------------------------
 
 

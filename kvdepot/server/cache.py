@@ -86,6 +86,7 @@ class CacheCore:
         self.reservations: ExpiringTable[Reservation] = ExpiringTable()
         self._policy_factory = policy_factory
         self._evictable: dict[int, EvictionPolicy] = {}  # size class -> evictable keys
+        self._policy_of_slot: dict[int, EvictionPolicy] = {}  # slot bytes -> its class's
         self.counters = CacheCounters()
         self.observer = observer or CacheObserver()
 
@@ -161,10 +162,13 @@ class CacheCore:
     # --- eviction bookkeeping ---------------------------------------------------------------
 
     def _policy(self, slot_bytes: int) -> EvictionPolicy:
-        size = self.allocator.size_class(slot_bytes)
-        policy = self._evictable.get(size)
+        policy = self._policy_of_slot.get(slot_bytes)  # every lookup asks: no size math
         if policy is None:
-            policy = self._evictable[size] = self._policy_factory()
+            size = self.allocator.size_class(slot_bytes)
+            policy = self._evictable.get(size)
+            if policy is None:
+                policy = self._evictable[size] = self._policy_factory()
+            self._policy_of_slot[slot_bytes] = policy
         return policy
 
     def _refresh(self, entry: ChunkEntry) -> None:

@@ -7,7 +7,7 @@ skip anything and stays O(1).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable
 from typing import Protocol
 
@@ -43,12 +43,16 @@ class LRUPolicy:
         self._order.pop(key, None)
 
     def touch_all(self, keys: Iterable[Hashable]) -> None:
-        move = self._order.move_to_end  # one call per lookup, not one per chunk
-        for key in keys:
+        # The loop runs in C (deque drains map): a lookup touches up to hundreds of keys. A key
+        # not tracked (leased, being written) stops the map after map has consumed it, so the
+        # next round goes on with the key after it.
+        rest = map(self._order.move_to_end, keys)
+        while True:
             try:
-                move(key)
+                deque(rest, maxlen=0)
+                return
             except KeyError:
-                pass
+                continue
 
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)

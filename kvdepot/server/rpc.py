@@ -32,6 +32,7 @@ _MAINTENANCE_S = 0.1
 # Plain ints: pyzmq's flag enums cost microseconds per use on the hot path.
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _COMPLAINT_WINDOW_S = 60.0
 
 
@@ -284,8 +285,11 @@ class CacheServer:
         self._send(identity, self._error(identity, req_id, code, message, now))
 
     def _send(self, identity: bytes, reply: msgspec.Struct) -> None:
+        payload = p.encode(reply)
         try:
-            self._socket.send_multipart([identity, p.encode(reply)], _NOBLOCK)
+            # Two sends with int flags: send_multipart combines pyzmq's flag enums per frame.
+            self._socket.send(identity, _SNDMORE_NOBLOCK)
+            self._socket.send(payload, _NOBLOCK)
         except zmq.Again:
             log.warning("Dropped a reply: the send queue of %s is full", identity.hex())
 
