@@ -72,10 +72,6 @@ def main():
     ap.add_argument("--num-blocks", type=int, default=8192)
     ap.add_argument("--arena-gib", type=int, default=4)
     ap.add_argument("--reps", type=int, default=12)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--mm-iters", type=int, default=0)
-    ap.add_argument("--programs", type=int, nargs="*", default=[])
-    ap.add_argument("--mm-programs", type=int, nargs="*", default=[])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")

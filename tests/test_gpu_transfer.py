@@ -229,8 +229,7 @@ def _engine(name, layout, arena, **kw):
         return make_gpu_transfer(layout, arena, CHUNK, engine="gpu-dma", native_issue=False, **kw)
     if name == "staged-devtable":
         name = "gpu-triton-staged"
-        kw.setdefault("table_on_host", False)
-        kw.setdefault("native_issue", False)  # the device ring is the Python path's
+        kw.setdefault("table_on_host", False)  # (issued from Python: the C path's ring is pinned)
     if name == "staged-python-issue":
         name = "gpu-triton-staged"
         kw.setdefault("native_issue", False)

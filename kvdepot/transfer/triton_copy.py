@@ -271,11 +271,10 @@ class FusedCopier:
         ptrs = [p.data_ptr() for p in planes]
         strides = [p.stride(0) for p in planes]
         base_i = min(range(len(ptrs)), key=ptrs.__getitem__)
-        self._base = ptrs[base_i]
-        self.cache_base = self._base  # the kernel's cache pointer (lowest plane start)
-        rel = [p - self._base for p in ptrs]
+        self.cache_base = ptrs[base_i]  # the kernel's cache pointer (lowest plane start)
+        rel = [p - self.cache_base for p in ptrs]
         g = 0
-        for v in [self._base, piece_bytes, *rel, *strides]:
+        for v in [self.cache_base, piece_bytes, *rel, *strides]:
             g = math.gcd(g, v)
         self.static_align = min(16, _low_bit(g))
         # Everything that does not change between launches, per copy unit (1, 2, 4 bytes).
@@ -287,7 +286,7 @@ class FusedCopier:
             tile = _pick_tile(piece_units, MAX_TILE_BYTES // unit)
             self._per_unit[unit] = dict(
                 dtype=_UNIT_DTYPE[unit],
-                cache=_pointer(self._base, planes[base_i], _UNIT_DTYPE[unit]),
+                cache=_pointer(self.cache_base, planes[base_i], _UNIT_DTYPE[unit]),
                 plane_off=torch.tensor([r // unit for r in rel], dtype=torch.int64).to(self.device),
                 plane_stride=torch.tensor([s // unit for s in strides], dtype=torch.int64).to(
                     self.device
@@ -348,7 +347,7 @@ class FusedCopier:
             piece_units = u["piece_units"]
             total = n_chunks * self.n_planes * bpc * u["tiles"]
             grid = max(1, min(total, self.max_programs))
-            pointers = (self._base, slot_base, u["plane_off"].data_ptr(),
+            pointers = (self.cache_base, slot_base, u["plane_off"].data_ptr(),
                         u["plane_stride"].data_ptr(), table_arg.data_ptr())
             scalars = (start, n_chunks, self.n_planes, bpc, bpc * piece_units, piece_units,
                        piece_units, u["tiles"])
