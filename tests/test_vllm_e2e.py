@@ -21,7 +21,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vllm_support as vs  # noqa: E402
 
 CHUNK = 256  # the server's default chunk size
-P_MAIN = vs.random_prompt(1000, seed=1)  # 3 whole chunks + 232 tokens
+BLOCK = 128  # the CPU build's block size
+# A hit of kvdepot's (whole chunks) equals vLLM's own prefix-cache hit of a repeated prompt
+# (whole blocks, never the last token) when the prompt's length mod CHUNK is in [1, BLOCK]:
+# then a fresh engine's hit and vLLM's own hit compute the very same tail, bit for bit.
+P_MAIN = vs.random_prompt(840, seed=1)  # 3 whole chunks + 72 tokens
 SHARED = vs.random_prompt(600, seed=2)
 P_A = SHARED + vs.random_prompt(500, seed=3)  # 1100 tokens: 4 whole chunks, 2 shared with P_B
 P_B = SHARED + vs.random_prompt(500, seed=4)
@@ -41,25 +45,26 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(model):
-    """Outputs of vLLM without the connector, one prompt per generate call."""
+    """Outputs of vLLM without the connector, one prompt per generate call: ``full`` (a full
+    prefill) and ``hit`` (the same prompt again: vLLM's own prefix-cache hit); the P_KILL
+    prompts alone and all in one batch; and the noise floors those shape changes show."""
     singles = [P_MAIN, P_A, P_B, P_DOWN, P_BACK, P_AFTER, P_EXACT]
-    rounds = [{"prompts": [p], "max_tokens": MAX_TOKENS} for p in singles]
+    rounds = [{"prompts": [p], "max_tokens": MAX_TOKENS} for p in singles for _ in range(2)]
     rounds += [{"prompts": [p], "max_tokens": KILL_TOKENS} for p in P_KILL]
-    res = vs.run_engine(model, rounds)
-    out = {}
-    for p, r in zip(singles, res["rounds"][: len(singles)]):
-        out[(tuple(p), MAX_TOKENS)] = r["outputs"][0]
-    for p, r in zip(P_KILL, res["rounds"][len(singles):]):
-        out[(tuple(p), KILL_TOKENS)] = r["outputs"][0]
-    return out
-
-
-def same_output(got, want, exact=True):
-    assert got["tokens"] == want["tokens"]
-    if exact:
-        assert got["logprobs"] == want["logprobs"]
-    else:  # different batch shapes change rounding, never the greedy tokens here
-        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) < 0.05
+    rounds += [{"prompts": P_KILL, "max_tokens": KILL_TOKENS}]
+    res = vs.run_engine(model, rounds)["rounds"]
+    full = {tuple(p): res[2 * i]["outputs"][0] for i, p in enumerate(singles)}
+    hit = {tuple(p): res[2 * i + 1]["outputs"][0] for i, p in enumerate(singles)}
+    kill_alone = [r["outputs"][0] for r in res[2 * len(singles): -1]]
+    kill_batched = res[-1]["outputs"]
+    return {
+        "full": full,
+        "hit": hit,
+        "kill": {tuple(p): o for p, o in zip(P_KILL, kill_alone)},
+        # prefill shape alone (full prefill vs a hit's tail), and batch shape alone
+        "hit_tolerance": vs.noise_floor([(full[k], hit[k]) for k in full]),
+        "batch_tolerance": vs.noise_floor(list(zip(kill_alone, kill_batched)), minimum=0.01),
+    }
 
 
 def whole_chunks(prompt):
@@ -73,8 +78,9 @@ def test_second_engine_process_loads_every_whole_chunk(model, baseline):
         first = vs.run_engine(model, rounds, kv_transfer_config=cfg)
         out1 = first["rounds"][0]["outputs"][0]
         assert out1["num_cached_tokens"] == 0
-        same_output(out1, baseline[(tuple(P_MAIN), MAX_TOKENS)])
-        assert srv.stats().stored_chunks == (len(P_MAIN) + len(P_EXACT)) // CHUNK
+        vs.assert_same_output(out1, baseline["full"][tuple(P_MAIN)])
+        stored = (whole_chunks(P_MAIN) + whole_chunks(P_EXACT)) // CHUNK
+        assert srv.stats().stored_chunks == stored
 
         # Fresh processes; the short connector name comes from kvdepot's vLLM plugin entry
         # point. "auto" loads synchronously in an idle engine and offers an all-cached prompt
@@ -88,11 +94,13 @@ def test_second_engine_process_loads_every_whole_chunk(model, baseline):
                                    kv_transfer_config=dict(short, kv_connector_extra_config=extra))
             out2 = second["rounds"][0]["outputs"][0]
             assert out2["num_cached_tokens"] == whole_chunks(P_MAIN)
-            same_output(out2, baseline[(tuple(P_MAIN), MAX_TOKENS)])
-            # A prompt of whole chunks only: all of it loaded, the last token recomputed.
+            # The same cached length and tail as vLLM's own hit of P_MAIN: bit for bit.
+            vs.assert_same_output(out2, baseline["hit"][tuple(P_MAIN)])
+            # A prompt of whole chunks only: all of it loaded, the last token recomputed (vLLM's
+            # own hit keeps a whole block to compute: shapes differ, within the noise floor).
             exact = second["rounds"][1]["outputs"][0]
             assert exact["num_cached_tokens"] in (len(P_EXACT) - 1, len(P_EXACT))
-            same_output(exact, baseline[(tuple(P_EXACT), MAX_TOKENS)])
+            vs.assert_close_output(exact, baseline["hit"][tuple(P_EXACT)], baseline["hit_tolerance"])
             # vLLM's own metrics show what the cache did (get_kv_connector_stats).
             m = second["metrics"]
             hit = whole_chunks(P_MAIN) + len(P_EXACT) - held_back
@@ -100,33 +108,47 @@ def test_second_engine_process_loads_every_whole_chunk(model, baseline):
             assert m["vllm:kvdepot_loaded_bytes"] > 0 and m["vllm:kvdepot_load_failed_blocks"] == 0
             assert m["vllm:external_prefix_cache_hits"] == hit, mode
         stats = srv.stats()
-        assert stats.retrieved_chunks == 2 * ((len(P_MAIN) + len(P_EXACT)) // CHUNK)
+        assert stats.retrieved_chunks == 2 * stored
         assert stats.leases_held == 0
 
 
 def test_two_engines_at_once_with_overlapping_prompts(model, baseline, tmp_path):
     with vs.KVDepotServer() as srv:
         cfg = vs.kvdepot_transfer_config(srv.port)
-        a_done, b_done = str(tmp_path / "a1"), str(tmp_path / "b1")
+        a_done, b_done, go = (str(tmp_path / n) for n in ("a1", "b1", "go"))
         # Round 1 at the same time (both store the shared prefix: one writes, one sees it
-        # busy or present); round 2: each runs the other's prompt once both have stored.
+        # busy or present); round 2: each runs the other's prompt once the server holds
+        # every whole chunk of both (stores commit shortly after a round's outputs).
         pa = vs.run_engine(model, [
             {"prompts": [P_A], "max_tokens": MAX_TOKENS, "touch_after": a_done},
-            {"prompts": [P_B], "max_tokens": MAX_TOKENS, "wait_for": b_done},
+            {"prompts": [P_B], "max_tokens": MAX_TOKENS, "wait_for": go},
         ], kv_transfer_config=cfg, background=True)
         pb = vs.run_engine(model, [
             {"prompts": [P_B], "max_tokens": MAX_TOKENS, "touch_after": b_done},
-            {"prompts": [P_A], "max_tokens": MAX_TOKENS, "wait_for": a_done},
+            {"prompts": [P_A], "max_tokens": MAX_TOKENS, "wait_for": go},
         ], kv_transfer_config=cfg, background=True)
+        vs._wait_for_file(a_done, 240)
+        vs._wait_for_file(b_done, 240)
+        distinct = (whole_chunks(P_A) + whole_chunks(P_B)) // CHUNK - len(SHARED) // CHUNK
+        deadline = time.monotonic() + 30
+        while srv.stats().stored_chunks < distinct and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats().stored_chunks == distinct
+        open(go, "w").close()
         ra, rb = vs.wait_engine(pa), vs.wait_engine(pb)
         for res, own, other in ((ra, P_A, P_B), (rb, P_B, P_A)):
             first, second = res["rounds"][0]["outputs"][0], res["rounds"][1]["outputs"][0]
             # Round 1: at most the shared prefix's whole chunks, if the other engine stored first.
             assert first["num_cached_tokens"] in (0, 512)
-            same_output(first, baseline[(tuple(own), MAX_TOKENS)])
-            # Round 2: the shared 512 tokens from vLLM's own prefix cache, chunks 2-3 from kvdepot.
+            if first["num_cached_tokens"] == 0:
+                vs.assert_same_output(first, baseline["full"][tuple(own)])
+            else:
+                vs.assert_close_output(first, baseline["full"][tuple(own)], baseline["hit_tolerance"])
+            # Round 2: the shared 512 tokens from vLLM's own prefix cache, chunks 2-3 from
+            # kvdepot. Whether the other engine computed them in a full prefill or after a hit
+            # of its own is a race: compare within the noise floor of such shape changes.
             assert second["num_cached_tokens"] == whole_chunks(other) == 1024
-            same_output(second, baseline[(tuple(other), MAX_TOKENS)])
+            vs.assert_close_output(second, baseline["hit"][tuple(other)], baseline["hit_tolerance"])
 
 
 def _count_warnings(log_path):
@@ -172,14 +194,15 @@ def test_server_down_at_start_killed_mid_run_and_back(model, baseline, tmp_path)
     r = res["rounds"]
     out = r[0]["outputs"][0]
     assert out["num_cached_tokens"] == 0
-    same_output(out, baseline[(tuple(P_DOWN), MAX_TOKENS)])
-    same_output(r[1]["outputs"][0], baseline[(tuple(P_BACK), MAX_TOKENS)])
+    vs.assert_same_output(out, baseline["full"][tuple(P_DOWN)])
+    vs.assert_same_output(r[1]["outputs"][0], baseline["full"][tuple(P_BACK)])
     assert stored_before_kill == len(P_BACK) // CHUNK  # the server was used once it came up
     assert len(r[2]["outputs"]) == len(P_KILL)
     for p, o in zip(P_KILL, r[2]["outputs"]):
         assert o["finish_reason"] == "length"
-        same_output(o, baseline[(tuple(p), KILL_TOKENS)], exact=False)
-    same_output(r[3]["outputs"][0], baseline[(tuple(P_AFTER), MAX_TOKENS)])
+        # Staggered arrivals batch the prompts in shapes that vary run to run.
+        vs.assert_close_output(o, baseline["kill"][tuple(p)], baseline["batch_tolerance"])
+    vs.assert_same_output(r[3]["outputs"][0], baseline["full"][tuple(P_AFTER)])
     assert after.stored_chunks == len(P_AFTER) // CHUNK  # the restarted server got the new prompt
     # One warning for the outage at start-up and one for the kill; nothing per request.
     warnings = _count_warnings(res["log"])
@@ -190,19 +213,22 @@ def test_server_down_at_start_killed_mid_run_and_back(model, baseline, tmp_path)
 def test_tensor_parallel_2_every_rank_its_shard(model, baseline):
     """TP=2 on the CPU build (one core per rank): both ranks store their shard of each chunk,
     and a second TP=2 engine process loads every whole chunk, with the same output as the
-    first (which computed everything itself)."""
+    first engine's own prefix-cache hit of the same prompt (its second round)."""
     bind = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # the CPU build pins one rank per core
     with vs.KVDepotServer() as srv:
         cfg = vs.kvdepot_transfer_config(srv.port)
-        run = lambda: vs.run_engine(  # noqa: E731
-            model, [{"prompts": [P_MAIN], "max_tokens": MAX_TOKENS}], kv_transfer_config=cfg,
-            tensor_parallel_size=2, env=bind, timeout=400,
-        )["rounds"][0]["outputs"][0]
-        first = run()
+        run = lambda times: [  # noqa: E731
+            r["outputs"][0] for r in vs.run_engine(
+                model, [{"prompts": [P_MAIN], "max_tokens": MAX_TOKENS}] * times,
+                kv_transfer_config=cfg, tensor_parallel_size=2, env=bind, timeout=400,
+            )["rounds"]
+        ]
+        first, own_hit = run(2)
         assert first["num_cached_tokens"] == 0
+        assert own_hit["num_cached_tokens"] == whole_chunks(P_MAIN)  # vLLM's own prefix cache
         assert srv.stats().stored_chunks == 2 * (len(P_MAIN) // CHUNK)  # one slot per rank
-        second = run()
+        (second,) = run(1)
         assert second["num_cached_tokens"] == whole_chunks(P_MAIN)
-        same_output(second, first)
+        vs.assert_same_output(second, own_hit)
         # TP=2 sums in another order than TP=1: the same tokens, log-probs within ~0.06.
-        assert second["tokens"] == baseline[(tuple(P_MAIN), MAX_TOKENS)]["tokens"]
+        assert second["tokens"] == baseline["full"][tuple(P_MAIN)]["tokens"]

@@ -106,6 +106,52 @@ def kvdepot_transfer_config(port: int | None, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
+# --- comparing outputs ----------------------------------------------------------------------
+#
+# A hit computes only the prompt's tail; on the CPU build that alone moves log-probs by ~2e-4
+# against a full prefill, and batching moves them by ~0.03. So an output is compared with a
+# reference of the same shape (the same cached length, the same computed tail, the same batch)
+# bit for bit, and only where shapes must differ, within a tolerance derived from a noise floor
+# the test measured. Wrong KV moves log-probs by ~1: tolerances stay far below that.
+
+MAX_TOLERANCE = 0.2  # a tolerance this wide could hide wrong KV: the test is broken
+
+
+def assert_same_output(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Equal tokens and bit-equal log-probs: for outputs of the same computation shape."""
+    assert got["tokens"] == want["tokens"]
+    assert got["logprobs"] == want["logprobs"]
+
+
+def logprob_gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest log-prob difference over the steps before the two outputs' tokens part."""
+    gap = 0.0
+    for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"]):
+        gap = max(gap, abs(la - lb))
+        if ta != tb:
+            break
+    return gap
+
+
+def assert_close_output(got: dict[str, Any], want: dict[str, Any], tolerance: float) -> None:
+    """Log-probs within ``tolerance`` of the reference, and the same tokens except where the
+    reference's greedy choice was a near tie (runner-up within 2 x tolerance): there a
+    different shape may legitimately pick the other token, and the rest cannot be compared."""
+    assert 0 < tolerance <= MAX_TOLERANCE, f"tolerance {tolerance} cannot tell wrong KV"
+    for i, (tg, tw) in enumerate(zip(got["tokens"], want["tokens"])):
+        assert abs(got["logprobs"][i] - want["logprobs"][i]) <= tolerance, (i, got, want)
+        if tg != tw:
+            assert want["margins"][i] <= 2 * tolerance, (i, got, want)
+            return
+    assert len(got["tokens"]) == len(want["tokens"])
+
+
+def noise_floor(pairs: list[tuple[dict[str, Any], dict[str, Any]]], minimum: float = 1e-3) -> float:
+    """A tolerance from outputs that differ only in shape (e.g. full prefill vs prefix-cache
+    hit, or one prompt alone vs in a batch): 4x the largest gap seen, at least ``minimum``."""
+    return max(minimum, 4 * max(logprob_gap(a, b) for a, b in pairs))
+
+
 # --- running one engine in a fresh process --------------------------------------------------
 
 
@@ -129,8 +175,8 @@ def run_engine(
 
     Each round is ``{"prompts": [[ids...], ...], "max_tokens": n, "wait_for": path?,
     "touch_before": path?, "touch_after": path?, "sleep_before": s?}``; the result is
-    ``{"rounds": [{"outputs": [{"tokens", "logprobs", "num_cached_tokens"}], "seconds"}],
-    "startup_s": ..}``.
+    ``{"rounds": [{"outputs": [{"tokens", "logprobs", "margins", "num_cached_tokens"}], "seconds"}],
+    "startup_s": ..}`` (margins: per generated token, its log-prob minus the runner-up's).
     """
     workdir = workdir or tempfile.mkdtemp(prefix="kvdepot-engine-")
     spec = {
@@ -268,7 +314,7 @@ def _engine_main(spec_path: str) -> None:
         params = SamplingParams(
             temperature=0.0,
             max_tokens=rnd.get("max_tokens", 8),
-            logprobs=1,
+            logprobs=2,  # the runner-up too: how close each greedy choice was (margins)
             detokenize=False,
             ignore_eos=True,
         )
@@ -283,10 +329,15 @@ def _engine_main(spec_path: str) -> None:
         for out in outs:
             comp = out.outputs[0]
             logprobs = [float(step[tok].logprob) for tok, step in zip(comp.token_ids, comp.logprobs)]
+            margins = [
+                lp - max((float(o.logprob) for t, o in step.items() if t != tok), default=lp + 99.0)
+                for tok, step, lp in zip(comp.token_ids, comp.logprobs, logprobs)
+            ]
             outputs.append(
                 {
                     "tokens": list(comp.token_ids),
                     "logprobs": logprobs,
+                    "margins": margins,
                     "num_cached_tokens": out.num_cached_tokens,
                     "finish_reason": comp.finish_reason,
                 }
