@@ -34,6 +34,9 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_LEASE = 9
     UNKNOWN_RESERVATION = 10
     INTERNAL = 11  # a server bug; the server keeps serving
+    # Raised by the client, never sent: the shared-memory segment it mapped is not the one of
+    # the server boot it talks to (another server's, a stale one, or none), so it is not used.
+    ARENA_MISMATCH = 12
 
 
 class SlotStatus(enum.IntEnum):
@@ -43,6 +46,9 @@ class SlotStatus(enum.IntEnum):
     PRESENT = 1  # already committed by this rank: nothing to write
     BUSY = 2  # another writer holds it: nothing to write
     NO_SPACE = 3  # not stored; every later key of the request is NO_SPACE too (no holes)
+    # Not stored: the request's ``parent`` chunk is not in the cache, so nothing could reach
+    # these chunks (a lookup walks a chain from its head). Every key of the request has it.
+    NO_PARENT = 4
 
 
 class KVGeometry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,13 +109,21 @@ class Lookup(msgspec.Struct, tag=True, array_like=True):
 
 
 class Reserve(msgspec.Struct, tag=True, array_like=True):
-    """Phase one of a store: slots for ``rank``'s shard of each chunk, not readable until Commit."""
+    """Phase one of a store: slots for ``rank``'s shard of each chunk, not readable until Commit.
+
+    ``keys`` are consecutive chunks of one chain; ``parent`` is the key of the chunk just before
+    ``keys[0]`` (empty: ``keys[0]`` is the chain's head). The server keeps a chunk while any
+    chunk after it in its chain stays, so what stays is reachable from the head, and stores
+    nothing when ``parent`` is not in the cache (NO_PARENT).
+    """
 
     req_id: int
     namespace: int
     rank: int
     keys: bytes
     ttl_ms: int = 0  # 0: the server's default
+    # Trailing with a default: a Reserve from a client that predates it decodes as a head.
+    parent: bytes = b""
 
 
 class Commit(msgspec.Struct, tag=True, array_like=True):
@@ -182,6 +196,10 @@ class HelloReply(msgspec.Struct, tag=True, array_like=True):
     chunk_tokens: int
     heartbeat_ms: int
     session_timeout_ms: int
+    # The segment ends with an identity block naming this boot (kvdepot.server.arena), which
+    # an engine checks before using its mapping. Trailing with a default: False from a server
+    # that predates it (nothing to check).
+    arena_identity: bool = False
 
 
 class RegisterReply(msgspec.Struct, tag=True, array_like=True):

@@ -341,6 +341,9 @@ def test_bad_requests_change_nothing():
         lambda: core.register("", small_geometry(), 1, ""),
         # A fresh key first, then one of another namespace: refused before allocating.
         lambda: core.reserve(A, other.id, 0, b"\x01" * KEY_BYTES + keys[0], 0, 0.0),
+        # A parent of another namespace, or not one key.
+        lambda: core.reserve(A, other.id, 0, b"\x01" * KEY_BYTES, 0, 0.0, parent=keys[0]),
+        lambda: core.reserve(A, ns.id, 0, b"\x01" * KEY_BYTES, 0, 0.0, parent=keys[0][:8]),
     ]
     for case in cases:
         with pytest.raises(CacheError):
@@ -398,3 +401,23 @@ def test_random_operations_keep_invariants():
         if step % 50 == 0:
             core.check_invariants()
     core.check_invariants()
+
+
+def test_lru_touch_all_hands_untracked_keys_over_at_their_turn():
+    lru = LRUPolicy()
+    for k in "abc":
+        lru.insert(k)
+    seen = []
+
+    def missing(key):
+        seen.append(key)
+        if key == "p":  # a parked key comes back where the sequence reaches it
+            lru.insert(key)
+
+    lru.touch_all(iter("cxpa"), missing)
+    assert seen == ["x", "p"]
+    order = []
+    while lru.victim() is not None:
+        order.append(lru.victim())
+        lru.remove(order[-1])
+    assert order == ["b", "c", "p", "a"]

@@ -50,3 +50,42 @@ def test_the_new_fields_round_trip_and_defaults_are_not_shared():
     a, b = p.LookupReply(req_id=1, hit_chunks=0), p.LookupReply(req_id=2, hit_chunks=0)
     a.offsets.append(1)
     assert b.offsets == []
+
+
+# Reserve before ``parent``, HelloReply before ``arena_identity`` (issue 10, faults 7 and 8).
+class OldReserve(msgspec.Struct, tag="Reserve", array_like=True):
+    req_id: int
+    namespace: int
+    rank: int
+    keys: bytes
+    ttl_ms: int = 0
+
+
+class OldHelloReply(msgspec.Struct, tag="HelloReply", array_like=True):
+    req_id: int
+    protocol_version: int
+    boot_id: str
+    server_version: str
+    shm_name: str
+    arena_bytes: int
+    chunk_tokens: int
+    heartbeat_ms: int
+    session_timeout_ms: int
+
+
+def test_an_old_clients_reserve_is_a_chain_head_and_old_peers_ignore_parent():
+    keys = b"\x01" * p.KEY_BYTES * 2
+    reserve = p.decode_request(msgspec.msgpack.encode(OldReserve(req_id=1, namespace=2, rank=0, keys=keys)))
+    assert reserve == p.Reserve(req_id=1, namespace=2, rank=0, keys=keys, ttl_ms=0, parent=b"")
+    new = p.Reserve(req_id=1, namespace=2, rank=0, keys=keys, parent=b"\x02" * p.KEY_BYTES)
+    assert p.decode_request(p.encode(new)) == new
+    assert msgspec.msgpack.decode(p.encode(new), type=OldReserve) == OldReserve(1, 2, 0, keys)
+
+
+def test_a_new_client_knows_whether_the_server_writes_an_arena_identity():
+    old = OldHelloReply(1, p.PROTOCOL_VERSION, "b" * 32, "0.1", "kvdepot", 1 << 30, 256, 1000, 10000)
+    reply = p.decode_reply(msgspec.msgpack.encode(old))
+    assert isinstance(reply, p.HelloReply) and reply.arena_identity is False  # nothing to check
+    new = p.HelloReply(1, p.PROTOCOL_VERSION, "b" * 32, "0.2", "kvdepot", 1 << 30, 256, 1000, 10000, True)
+    assert p.decode_reply(p.encode(new)).arena_identity is True
+    assert msgspec.msgpack.decode(p.encode(new), type=OldHelloReply).boot_id == old.boot_id

@@ -546,3 +546,42 @@ def test_a_hung_server_costs_one_deadline_then_calls_fail_fast(tmp_path):
     finally:
         srv.proc.send_signal(signal.SIGCONT)
         srv.stop()
+
+
+def test_a_chain_stored_two_chunks_per_call_keeps_its_head(tmp_path):
+    """Issue 10, fault 7: a buffer of 8 chunks and a 16-chunk prompt stored 2 chunks per call
+    (chunked prefill). Each call names the chunk before it, so the server keeps chunks 0-7,
+    refuses what it could only store by evicting the prompt's own head or what nothing could
+    reach, and a replay from chunk 0 hits 8 chunks, byte for byte."""
+    extra = ["--slab-size-mb", "4"]  # one 4 MiB slab: 8 slots of 512 KiB
+    with ServerProcess(buffer_gb=0.0042, extra=extra, log_path=tmp_path / "server.log") as srv:
+        writer = KVDepotClient("127.0.0.1", srv.port, timeout_ms=2000)
+        replay = KVDepotClient("127.0.0.1", srv.port, timeout_ms=2000)
+        assert writer.connect() and replay.connect()
+        geo = small_geometry(layers=16)
+        ns, ns_replay = writer.register("m", geo), replay.register("m", geo)
+        assert writer.stats().arena_bytes // ns.slot_bytes == 8
+        keys = writer.chunk_keys(ns, tokens(80, 256 * 16))
+        arena = writer.arena_array()
+        statuses, written = [], []
+        for start in range(0, 16, 2):
+            res = writer.reserve(ns, 0, keys[start : start + 2], parent=keys[start - 1] if start else b"")
+            statuses += res.status
+            for i, (status, off) in enumerate(zip(res.status, res.offsets)):
+                if status == SlotStatus.RESERVED:
+                    rng = np.random.default_rng(800 + start + i)
+                    data = rng.integers(0, 256, ns.slot_bytes, dtype=np.uint8)
+                    arena[off : off + ns.slot_bytes] = data
+                    written.append(data.tobytes())
+            if res.id:
+                writer.commit(res.id)
+        assert statuses == [SlotStatus.RESERVED] * 8 + [SlotStatus.NO_SPACE] * 2 + [SlotStatus.NO_PARENT] * 6
+        hit = replay.lookup(ns_replay, keys, lease_ms=5000)
+        assert hit.hit_chunks == 8
+        got = replay.arena_array()
+        assert [got[o : o + ns.slot_bytes].tobytes() for o in hit.rank_offsets(0)] == written
+        replay.release([hit.lease], retrieved=[hit.lease])
+        stats = replay.stats()
+        assert stats.evicted_chunks == 0 and stats.leases_held == 0 and stats.reservations_open == 0
+        writer.close()
+        replay.close()

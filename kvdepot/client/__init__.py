@@ -3,6 +3,7 @@
 from kvdepot.client.arena import ArenaMapping
 from kvdepot.client.engine_client import (
     Acquired,
+    ArenaMismatch,
     KVDepotClient,
     KVDepotError,
     LookupResult,
@@ -15,6 +16,7 @@ from kvdepot.client.engine_client import (
 
 __all__ = [
     "Acquired",
+    "ArenaMismatch",
     "ArenaMapping",
     "KVDepotClient",
     "KVDepotError",

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from kvdepot.server.arena import shm_path
+from kvdepot.server.arena import IDENTITY_BYTES, ArenaIdentity, shm_path
 
 log = logging.getLogger("kvdepot.client")
 
@@ -25,14 +25,37 @@ class ArenaMapping:
     unmap), which is why the client tags everything with the boot it came from.
     """
 
-    def __init__(self, name: str, size: int):
+    def __init__(self, name: str, size: int, boot_id: str | None = None):
+        """Map ``size`` bytes of /dev/shm/<name>. With ``boot_id``, first check the segment's
+        identity block names that server boot and size. Raises OSError when the segment is
+        missing, too small, or (with ``boot_id``) not that boot's: another server's, or a
+        stale one. The check and the mapping use one open file, so they see the same segment."""
         self.name = name
         self.size = size
-        fd = os.open(shm_path(name), os.O_RDWR)
+        path = shm_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} does not exist here: the server runs on another machine, or this engine "
+                "sees another /dev/shm than its server (containers: share the host's IPC namespace)"
+            ) from None
         try:
             actual = os.fstat(fd).st_size
             if actual < size:
-                raise OSError(f"/dev/shm/{name} is {actual} bytes, the server announced {size}")
+                raise OSError(f"{path} is {actual} bytes, the server announced {size}")
+            if boot_id is not None:
+                identity = ArenaIdentity.read(fd, size) if actual >= size + IDENTITY_BYTES else None
+                if identity is None or (identity.boot_id, identity.arena_bytes) != (boot_id, size):
+                    found = "no kvdepot identity" if identity is None else (
+                        f"boot {identity.boot_id[:8]} of pid {identity.pid}, {identity.arena_bytes} bytes"
+                    )
+                    raise OSError(
+                        f"{path} is not the segment of the server this engine talks to (boot "
+                        f"{boot_id[:8]}, {size} bytes): it holds {found}. Another server replaced "
+                        "it, or this engine sees another /dev/shm than its server (containers: "
+                        "share the host's IPC namespace); its slots are not used"
+                    )
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)

@@ -46,6 +46,13 @@ class ServerRestarted(KVDepotError):
     """The server's boot id changed: everything obtained before is void."""
 
 
+class ArenaMismatch(ServerUnavailable):
+    """The server answers, but the shared-memory segment this engine can map is not that
+    server boot's (another server's under the same name, a stale one, none, or another
+    /dev/shm): writing there would corrupt someone else's chunks, so the server is treated as
+    unavailable. Code ARENA_MISMATCH; the message says what was found."""
+
+
 def _code_name(code: int) -> str:
     try:
         return p.ErrorCode(code).name
@@ -118,6 +125,16 @@ class PendingReply:
             self._reply = self._client._collect(self._req_id, 0.0)
         return self._reply is not None or time.monotonic() >= self._deadline
 
+    def abandon(self) -> None:
+        """Nobody will take the result: whatever it grants (a lease, a reservation) is given
+        back to the server, now if it has arrived, else when it does."""
+        with self._client._lock:
+            if self._reply is not None:
+                self._client._reclaim(self._reply)
+                self._reply = None
+            else:
+                self._client._forget(self._req_id)
+
     def result(self):
         if self._reply is None:
             self._reply = self._client._collect(self._req_id, self._deadline)
@@ -146,12 +163,18 @@ class KVDepotClient:
         self.chunk_tokens = 0
         self.heartbeat_s = 1.0
         self._arena: ArenaMapping | None = None
+        self._mismatch_logged_at = float("-inf")
         self._prefault = prefault
         self._namespaces: list[Namespace] = []
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._parked: dict[int, p.Reply] = {}
         self._abandoned: set[int] = set()
+        # Leases and reservations granted in replies that nobody waited for any more (a lookup
+        # answered after its deadline, a request aborted while its lookup was in flight): given
+        # back with the next request, not left to pin chunks until their TTL.
+        self._stray_leases: list[int] = []
+        self._stray_reservations: list[int] = []
         self._last_send = 0.0
         self._down_until = 0.0  # after a silent server, fail fast until then
         self._backoff_s = 0.0
@@ -211,21 +234,47 @@ class KVDepotClient:
                 )
 
     def _adopt_boot(self, hello: p.HelloReply) -> None:
-        """A server boot we have not seen: map its arena and register our namespaces there."""
+        """A server boot we have not seen: map its arena and register our namespaces there.
+        Raises ArenaMismatch, with no boot adopted, when the segment is not that boot's."""
+        try:
+            boot_id = hello.boot_id if hello.arena_identity else None  # older servers: unchecked
+            arena = ArenaMapping(hello.shm_name, hello.arena_bytes, boot_id=boot_id)
+        except (OSError, ValueError) as exc:  # ValueError: a name or size no segment has
+            self._forget_boot()
+            error = ArenaMismatch(
+                int(p.ErrorCode.ARENA_MISMATCH), f"cache server at {self.endpoint}: {exc}"
+            )
+            now = time.monotonic()
+            if now - self._mismatch_logged_at >= 60.0:  # every call retries: say it once a minute
+                self._mismatch_logged_at = now
+                log.error("kvdepot: %s", error)
+            raise error from None
         old = self._arena
-        self._arena = ArenaMapping(hello.shm_name, hello.arena_bytes)
+        self._arena = arena
         if self._prefault:
             self._arena.prefault_async()
         if old is not None:
             old.close()
         self.boot_id = hello.boot_id
         self.epoch += 1
+        self._stray_leases, self._stray_reservations = [], []  # void with the old boot
         self.chunk_tokens = hello.chunk_tokens
         self.heartbeat_s = hello.heartbeat_ms / 1000.0
         for ns in self._namespaces:
             self._register_call(ns)
         log.info("Connected to kvdepot %s at %s (boot %s)", hello.server_version,
                  self.endpoint, hello.boot_id[:8])
+
+    def _forget_boot(self) -> None:
+        """Drop the boot we had (its arena, and through ``epoch`` everything obtained from it);
+        the next call shakes hands again."""
+        if self.boot_id is None:
+            return
+        self.boot_id = None
+        self.epoch += 1
+        old, self._arena = self._arena, None
+        if old is not None:
+            old.close()
 
     def _ensure_session(self) -> None:
         if self.boot_id is None:
@@ -238,6 +287,7 @@ class KVDepotClient:
         now = time.monotonic()
         if now < self._down_until:
             raise ServerUnavailable(0, f"the cache server at {self.endpoint} is not answering")
+        self._give_back_strays()
         req_id = next(self._ids)
         request.req_id = req_id  # type: ignore[attr-defined]
         if connect_wait_s and not self._socket.poll(int(connect_wait_s * 1000), zmq.POLLOUT):
@@ -276,8 +326,36 @@ class KVDepotClient:
                     return reply
                 if reply.req_id in self._abandoned:
                     self._abandoned.discard(reply.req_id)
+                    self._reclaim(reply)
                 elif reply.req_id:
                     self._parked[reply.req_id] = reply
+
+    def _reclaim(self, reply: p.Reply) -> None:
+        """(under _lock) Note what an unwanted reply holds on the server, to give it back."""
+        for r in reply.replies if isinstance(reply, p.BatchReply) else (reply,):
+            if isinstance(r, (p.LookupReply, p.AcquireReply)) and r.lease:
+                self._stray_leases.append(r.lease)
+            elif isinstance(r, p.ReserveReply) and r.reservation:
+                self._stray_reservations.append(r.reservation)
+
+    def _give_back_strays(self) -> None:
+        """(under _lock) Release stray leases and abort stray reservations; their replies are
+        not awaited (a failure leaves them to their TTL, as before)."""
+        if not (self._stray_leases or self._stray_reservations) or self.boot_id is None:
+            return
+        requests: list[msgspec.Struct] = []
+        if self._stray_leases:
+            requests.append(p.Release(req_id=0, leases=self._stray_leases))
+        requests += [p.Abort(req_id=0, reservation=r) for r in self._stray_reservations]
+        self._stray_leases, self._stray_reservations = [], []
+        for request in requests:
+            req_id = next(self._ids)
+            request.req_id = req_id  # type: ignore[attr-defined]
+            try:
+                self._socket.send(p.encode(request), zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._abandoned.add(req_id)
 
     def _forget(self, req_id: int) -> None:
         with self._lock:
@@ -369,10 +447,17 @@ class KVDepotClient:
             lambda r: LookupResult(r.hit_chunks, r.lease, epoch, r.offsets),
         )
 
-    def reserve(self, ns: Namespace, rank: int, keys: Sequence[bytes], ttl_ms: int = 0) -> Reservation:
+    def reserve(
+        self, ns: Namespace, rank: int, keys: Sequence[bytes], ttl_ms: int = 0, parent: bytes = b""
+    ) -> Reservation:
+        """Phase one of a store of consecutive chunks of one chain. ``parent``: the key of the
+        chunk before ``keys[0]`` (b"" when ``keys[0]`` is the chain's first chunk); the server
+        keeps a chain's head while its later chunks stay, and answers NO_PARENT for every key
+        when ``parent`` is not in the cache. Status and offsets per key: see ReserveReply."""
         with self._lock:
             epoch = self.epoch
-            r = self._call(p.Reserve(req_id=0, namespace=ns.id, rank=rank, keys=b"".join(keys), ttl_ms=ttl_ms))
+            r = self._call(p.Reserve(req_id=0, namespace=ns.id, rank=rank, keys=b"".join(keys),
+                                     ttl_ms=ttl_ms, parent=parent))
         assert isinstance(r, p.ReserveReply)
         return Reservation(r.reservation, r.status, r.offsets, epoch)
 

@@ -17,7 +17,7 @@ import numpy as np
 from kvdepot.keys import namespace_digest
 from kvdepot.protocol import KEY_BYTES, MAX_KEYS_PER_REQUEST, ErrorCode, KVGeometry, SlotStatus, split_keys
 from kvdepot.server.allocator import SlabAllocator
-from kvdepot.server.eviction import EvictionPolicy, LRUPolicy
+from kvdepot.server.eviction import ChainEvictor, EvictionPolicy, LRUPolicy
 from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo
 from kvdepot.server.leases import ExpiringTable, Lease, Reservation
 
@@ -84,9 +84,7 @@ class CacheCore:
         self.index = ChunkIndex()
         self.leases: ExpiringTable[Lease] = ExpiringTable()
         self.reservations: ExpiringTable[Reservation] = ExpiringTable()
-        self._policy_factory = policy_factory
-        self._evictable: dict[int, EvictionPolicy] = {}  # size class -> evictable keys
-        self._policy_of_slot: dict[int, EvictionPolicy] = {}  # slot bytes -> its class's
+        self.eviction = ChainEvictor(self.index, allocator.size_class, policy_factory)
         self.counters = CacheCounters()
         self.observer = observer or CacheObserver()
 
@@ -161,56 +159,45 @@ class CacheCore:
 
     # --- eviction bookkeeping ---------------------------------------------------------------
 
-    def _policy(self, slot_bytes: int) -> EvictionPolicy:
-        policy = self._policy_of_slot.get(slot_bytes)  # every lookup asks: no size math
-        if policy is None:
-            size = self.allocator.size_class(slot_bytes)
-            policy = self._evictable.get(size)
-            if policy is None:
-                policy = self._evictable[size] = self._policy_factory()
-            self._policy_of_slot[slot_bytes] = policy
-        return policy
-
-    def _refresh(self, entry: ChunkEntry) -> None:
-        """Put the entry in (as most recent) or out of its eviction policy, by its state."""
-        policy = self._policy(entry.slot_bytes)
-        if entry.evictable:
-            policy.insert(entry.key)
-        else:
-            policy.remove(entry.key)
-
-    def _refresh_prefix(self, entries: list[ChunkEntry]) -> None:
-        # Last chunk first: the head of a prefix ends up most recent, the tail goes first.
-        for entry in reversed(entries):
-            self._refresh(entry)
+    def _remove(self, entry: ChunkEntry) -> None:
+        """Take an entry out of the index and the eviction order (its slots are the caller's)."""
+        self.eviction.forget(entry)
+        childless = self.index.remove(entry.key)
+        if childless is not None:
+            self.eviction.childless(childless)
 
     def _evict(self, entry: ChunkEntry) -> None:
-        self._policy(entry.slot_bytes).remove(entry.key)
-        self.index.remove(entry.key)
+        self._remove(entry)
         for offset in entry.committed:
             if offset is not None:
                 self.allocator.free(offset)
         self.counters.evicted_chunks += 1
         self.observer.on_evict(1)
 
+    def _evict_one(self, policy: EvictionPolicy) -> bool:
+        victim = self.eviction.victim(policy)
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
+
     def _allocate(self, slot_bytes: int) -> int | None:
-        """A slot, evicting least recently used chunks (same size first) if the arena is full."""
+        """A slot, evicting least recently used chain tails (same size first) if the arena is
+        full; None when nothing may be evicted."""
         offset = self.allocator.allocate(slot_bytes)
         if offset is not None:
             return offset
-        own = self._policy(slot_bytes)
-        while offset is None and len(own):
-            self._evict(self.index.entries[own.victim()])  # type: ignore[index]
+        own = self.eviction.policy(slot_bytes)
+        while offset is None and self._evict_one(own):
             offset = self.allocator.allocate(slot_bytes)
         # Other sizes free memory only when one of their slabs empties completely: take from
         # the size class with the most evictable chunks until a slab (or span) comes free.
         while offset is None:
-            others = [p for p in self._evictable.values() if p is not own and len(p)]
+            others = [p for p in self.eviction.policies.values() if p is not own and len(p)]
             if not others:
                 return None
-            policy = max(others, key=len)
-            self._evict(self.index.entries[policy.victim()])  # type: ignore[index]
-            offset = self.allocator.allocate(slot_bytes)
+            if self._evict_one(max(others, key=len)):  # else it parked chunks: fewer left
+                offset = self.allocator.allocate(slot_bytes)
         return offset
 
     # --- operations -------------------------------------------------------------------------
@@ -245,8 +232,7 @@ class CacheCore:
                 nbytes=len(hits) * ns.slot_bytes * ns.world_size,
             )
         else:
-            # The head of the prefix ends up most recent, so its tail is evicted first.
-            self._policy(ns.slot_bytes).touch_all(reversed(hits))
+            self.eviction.touch(ns.slot_bytes, hits)
         n_keys = len(blob) // KEY_BYTES
         n_hit, n_miss = len(hits), n_keys - len(hits)
         c = self.counters
@@ -274,28 +260,45 @@ class CacheCore:
         )
         for entry in entries:
             entry.leases += 1
-            self._refresh(entry)
+            self.eviction.refresh(entry)
         self.leases.add(lease)
         return lease.id
 
     def reserve(
-        self, session: bytes, ns_id: int, rank: int, blob: bytes, ttl_ms: int, now: float
+        self, session: bytes, ns_id: int, rank: int, blob: bytes, ttl_ms: int, now: float,
+        parent: bytes = b"",
     ) -> tuple[int, list[int], list[int]]:
+        """Slots for ``rank``'s shard of consecutive chunks of one chain: (reservation id or 0,
+        SlotStatus per key, offset per key or -1). ``parent`` is the key of the chunk before
+        ``keys[0]`` (b"": a head); when it is not in the cache, nothing is stored (NO_PARENT),
+        since nothing could reach these chunks."""
         ns = self._namespace(ns_id)
         self._check_rank(ns, rank)
         keys = self._keys(blob)
         ttl = self._ttl(ttl_ms, self.reservation_ttl_s)
         if self.reservations.count_of_session(session) >= MAX_RESERVATIONS_PER_SESSION:
             raise CacheError(ErrorCode.TOO_LARGE, "too many open reservations for this engine")
+        if parent and len(parent) != KEY_BYTES:
+            raise CacheError(
+                ErrorCode.BAD_REQUEST, f"a parent is one {KEY_BYTES}-byte key (or empty for a head)"
+            )
+        entries = self.index.entries
+        if any(key in entries and entries[key].namespace != ns.id for key in (*keys, parent)):
+            # Checked before anything is allocated: a refused request changes nothing.
+            raise CacheError(ErrorCode.BAD_REQUEST, "a key belongs to another namespace")
+        before = entries.get(parent) if parent else None  # the entry each key links after
+        if parent and before is None:
+            return 0, [SlotStatus.NO_PARENT] * len(keys), [-1] * len(keys)
         status: list[int] = []
         offsets: list[int] = []
         items: list[tuple[bytes, int]] = []
-        pinned: list[ChunkEntry] = []  # earlier chunks of this prefix must survive our evictions
+        # The parent and earlier chunks of this request must survive our evictions.
+        pinned: list[ChunkEntry] = []
+        if before is not None:
+            before.pins += 1
+            pinned.append(before)
+            self.eviction.refresh(before)
         full = False
-        entries = self.index.entries
-        if any(key in entries and entries[key].namespace != ns.id for key in keys):
-            # Checked before anything is allocated: a refused request changes nothing.
-            raise CacheError(ErrorCode.BAD_REQUEST, "a key belongs to another namespace")
         for key in keys:
             entry = entries.get(key)
             if full:
@@ -311,31 +314,33 @@ class CacheCore:
             else:
                 if entry is not None:
                     entry.pins += 1  # do not evict the chunk we are adding a rank to
-                    self._refresh(entry)
+                    self.eviction.refresh(entry)
                 offset = self._allocate(ns.slot_bytes)
                 if entry is not None:
                     entry.pins -= 1
                 if offset is None:
                     full = True
                     if entry is not None:
-                        self._refresh(entry)
+                        self.eviction.refresh(entry)
                     status.append(SlotStatus.NO_SPACE)
                     offsets.append(-1)
                     continue
                 if entry is None:
-                    entry = self.index.create(key, ns)
+                    entry = self.index.create(key, ns, parent=before)
                 entry.pending[rank] = offset
                 entry.pending_ranks += 1
-                self._refresh(entry)
                 items.append((key, offset))
                 status.append(SlotStatus.RESERVED)
                 offsets.append(offset)
+            if before is not None:
+                self.index.link(entry, before)  # a no-op unless it lacks a resident parent
+            before = entry
             entry.pins += 1
             pinned.append(entry)
-            self._refresh(entry)
+            self.eviction.refresh(entry)
         for entry in pinned:
             entry.pins -= 1
-        self._refresh_prefix(pinned)
+        self.eviction.refresh_prefix(pinned)
         if not items:
             return 0, status, offsets
         reservation = Reservation(
@@ -373,7 +378,7 @@ class CacheCore:
             if entry.complete:
                 self.index.mark_complete(entry)
             committed.append(entry)
-        self._refresh_prefix(committed)
+        self.eviction.refresh_prefix(committed)
         n = len(committed)
         ns = self.index.namespaces[reservation.namespace]
         nbytes = n * ns.slot_bytes
@@ -396,10 +401,11 @@ class CacheCore:
             entry.pending_ranks -= 1
             self.allocator.free(offset)
             if entry.committed_ranks == 0 and entry.pending_ranks == 0:
-                self._policy(entry.slot_bytes).remove(key)
-                self.index.remove(key)
+                # Chunks stored after it by later requests stay, unreachable until it is
+                # stored again: the engine that aborted re-plans its stores from the start.
+                self._remove(entry)
             else:
-                self._refresh(entry)
+                self.eviction.refresh(entry)
 
     def acquire(
         self, session: bytes, ns_id: int, rank: int, blob: bytes, lease_ms: int, now: float
@@ -452,7 +458,7 @@ class CacheCore:
         entries = [self.index.entries[k] for k in lease.keys]
         for entry in entries:
             entry.leases -= 1
-        self._refresh_prefix(entries)
+        self.eviction.refresh_prefix(entries)
         if retrieved:
             # One chunk per key; nbytes covers what the lease handed out: one rank's slots for
             # an Acquire lease, every rank's for a Lookup lease.
@@ -490,11 +496,13 @@ class CacheCore:
         return len(lease_ids), len(reservation_ids)
 
     def clear(self) -> int:
-        """Evict every chunk that nobody holds (operator's request)."""
-        victims = [e for e in self.index.entries.values() if e.evictable]
-        for entry in victims:
-            self._evict(entry)
-        return len(victims)
+        """Evict every chunk that nobody holds, and that no held chunk's chain needs
+        (operator's request); returns how many went."""
+        evicted = 0
+        for policy in list(self.eviction.policies.values()):
+            while self._evict_one(policy):
+                evicted += 1
+        return evicted
 
     def check_invariants(self) -> None:
         """Expensive consistency check, for tests."""
@@ -505,8 +513,12 @@ class CacheCore:
             assert entry.committed_ranks + entry.pending_ranks > 0
             assert entry.pins == 0
             used += len(entry.offsets()) * self.allocator.size_class(entry.slot_bytes)
-            in_policy = entry.key in self._policy(entry.slot_bytes)  # type: ignore[operator]
-            assert in_policy == entry.evictable, entry
+            in_order = entry.key in self.eviction.policy(entry.slot_bytes)  # type: ignore[operator]
+            parked = entry.key in self.eviction.parked
+            assert in_order + parked == entry.evictable, entry  # one of them, iff evictable
+            assert not parked or entry.children > 0, entry  # a parked chunk waits for a child
+        self.index.check_links()
+        assert self.eviction.parked <= self.index.entries.keys()
         assert used == self.allocator.used_bytes, (used, self.allocator.used_bytes)
         for ns_id, keys in self.index.complete.items():
             assert keys == {

@@ -3,11 +3,15 @@
 One entry per chunk key. A chunk of a model served with tensor parallelism ``world_size`` has
 one slot per rank; each rank's slot is first *pending* (reserved, being written, unreadable)
 and then *committed*. A chunk is a hit only when every rank has committed its slot.
+
+Entries are linked into chains: an entry knows the entry of the chunk before it (its parent,
+as the storing engine named it) and counts the entries after it (its children), so eviction
+can take a chain from its tail and never leave a chunk that no lookup could reach.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvdepot.protocol import KVGeometry
 
@@ -36,6 +40,10 @@ class ChunkEntry:
     pending_ranks: int = 0
     leases: int = 0  # live leases covering this chunk
     pins: int = 0  # transient protection inside one request
+    # The chunk before this one in its chain, or None (a chain's head, or not known); only
+    # trusted while it is itself in the index (see ChunkIndex.resident_parent).
+    parent: ChunkEntry | None = field(default=None, repr=False, compare=False)
+    children: int = 0  # entries in the index whose resident parent this is
 
     @property
     def complete(self) -> bool:
@@ -77,7 +85,8 @@ class ChunkIndex:
     def get(self, key: bytes) -> ChunkEntry | None:
         return self.entries.get(key)
 
-    def create(self, key: bytes, ns: NamespaceInfo) -> ChunkEntry:
+    def create(self, key: bytes, ns: NamespaceInfo, parent: ChunkEntry | None = None) -> ChunkEntry:
+        """A new entry, linked after ``parent`` (an entry in the index, of the same namespace)."""
         entry = ChunkEntry(
             key=key,
             namespace=ns.id,
@@ -87,13 +96,61 @@ class ChunkIndex:
             pending=[None] * ns.world_size,
         )
         self.entries[key] = entry
+        if parent is not None:
+            entry.parent = parent
+            parent.children += 1
         return entry
 
+    def resident_parent(self, entry: ChunkEntry) -> ChunkEntry | None:
+        """The entry before ``entry`` in its chain while that is in the index, else None."""
+        parent = entry.parent
+        if parent is not None and self.entries.get(parent.key) is not parent:
+            # It left while this entry stayed (its store was aborted): forget the link. A key
+            # stored again later gets a new entry, which this one is not counted in.
+            entry.parent = parent = None
+        return parent
+
+    def link(self, entry: ChunkEntry, parent: ChunkEntry) -> None:
+        """Record ``parent`` before an existing ``entry`` that has no resident parent (stored
+        as a head by an older client, or its parent's store was aborted). Ignored across
+        namespaces, and where it would close a loop (keys named out of chain order)."""
+        if parent.namespace != entry.namespace or self.resident_parent(entry) is not None:
+            return
+        node: ChunkEntry | None = parent
+        while node is not None:  # a forest stays a forest: entry must not be above parent
+            if node is entry:
+                return
+            node = self.resident_parent(node)
+        entry.parent = parent
+        parent.children += 1
+
     def remove(self, key: bytes) -> ChunkEntry | None:
+        """Forget a chunk. Returns its parent when that has no child left (it may go now)."""
         entry = self.entries.pop(key, None)
-        if entry is not None:
-            self.complete[entry.namespace].discard(key)
-        return entry
+        if entry is None:
+            return None
+        self.complete[entry.namespace].discard(key)
+        parent = self.resident_parent(entry)
+        if parent is None:
+            return None
+        parent.children -= 1
+        return None if parent.children else parent
+
+    def check_links(self) -> None:
+        """Expensive consistency check of the chains, for tests: counts match, no loops."""
+        children: dict[bytes, int] = {}
+        for entry in self.entries.values():
+            parent = self.resident_parent(entry)
+            if parent is not None:
+                assert parent.namespace == entry.namespace, entry
+                children[parent.key] = children.get(parent.key, 0) + 1
+            depth = 0
+            while parent is not None:
+                depth += 1
+                assert depth <= len(self.entries), f"a loop above {entry}"
+                parent = self.resident_parent(parent)
+        for key, entry in self.entries.items():
+            assert entry.children == children.get(key, 0), entry
 
     def mark_complete(self, entry: ChunkEntry) -> None:
         self.complete[entry.namespace].add(entry.key)

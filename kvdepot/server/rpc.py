@@ -11,7 +11,6 @@ import logging
 import queue
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -78,7 +77,7 @@ class CacheServer:
     ):
         self.core = core
         self.arena = arena
-        self.boot_id = uuid.uuid4().hex
+        self.boot_id = arena.boot_id  # written into the segment: engines check their mapping
         self.heartbeat_s = heartbeat_s
         self.session_timeout_s = session_timeout_s
         self.metrics = metrics
@@ -319,6 +318,7 @@ class CacheServer:
             chunk_tokens=self.core.chunk_tokens,
             heartbeat_ms=int(self.heartbeat_s * 1000),
             session_timeout_ms=int(self.session_timeout_s * 1000),
+            arena_identity=True,
         )
 
     def _register(self, identity: bytes, req: p.Register, now: float) -> p.Reply:
@@ -348,7 +348,7 @@ class CacheServer:
 
     def _reserve(self, identity: bytes, req: p.Reserve, now: float) -> p.Reply:
         rid, status, offsets = self.core.reserve(
-            identity, req.namespace, req.rank, req.keys, req.ttl_ms, now
+            identity, req.namespace, req.rank, req.keys, req.ttl_ms, now, parent=req.parent
         )
         return p.ReserveReply(req_id=req.req_id, reservation=rid, status=status, offsets=offsets)
 
