@@ -43,13 +43,25 @@ class ConnectorSettings:
     store_decode: bool = False
     # Tenant salt: engines with different salts never share chunks.
     salt: str = ""
-    # The model identity in the namespace; defaults to vLLM's model name or path.
+    # A name for the model in the namespace and the server's logs; engines share chunks only
+    # under equal names *and* equal weights (model_identity). Default: the architecture.
     model: str | None = None
+    # Which weights the namespace names (identity.py): "auto", a digest of the checkpoint's
+    # configs, headers, sizes and a fixed sample of its bytes; "full", of every byte; any other
+    # string: that identity as given, for copies the user knows hold the same weights.
+    model_identity: str = "auto"
     # vLLM's policy when a load fails: kvdepot is a best-effort cache, so by default a failed
     # load is recomputed instead of failing the request (vLLM's own default is "fail").
     load_failure_policy: str = "recompute"
     # Seconds between reconnection attempts while the server is away.
     retry_s: float = 2.0
+    # How long a worker waits, when vLLM preempts a request, for a store still copying out of
+    # its blocks before the step that may reuse them; past it the store is aborted, never
+    # committed (its bytes may be another request's by then).
+    preempt_wait_ms: int = 5000
+    # How long shutdown waits for stores in flight before aborting the rest. vLLM gives an
+    # engine-core process 5 s between SIGTERM and SIGKILL: stay under it.
+    shutdown_wait_ms: int = 4000
 
     @property
     def endpoint(self) -> str:
@@ -77,6 +89,13 @@ def _load_mode(value: Any) -> str:
     if mode not in LOAD_MODES:
         raise ValueError(f"kvdepot.load_mode must be one of {LOAD_MODES}, not {value!r}")
     return mode
+
+
+def _model_identity(value: Any) -> str:
+    identity = str(value).strip()
+    if not identity:
+        raise ValueError("kvdepot.model_identity must be 'auto', 'full' or a non-empty identity")
+    return identity.lower() if identity.lower() in ("auto", "full") else identity
 
 
 def _bool(value: Any) -> bool:
@@ -120,6 +139,9 @@ def settings_from_extra_config(extra: Mapping[str, Any] | None) -> ConnectorSett
         store_decode=_bool(_get(extra, "store_decode", d.store_decode)),
         salt=str(_get(extra, "salt", d.salt)),
         model=None if model is None else str(model),
+        model_identity=_model_identity(_get(extra, "model_identity", d.model_identity)),
         load_failure_policy=policy,
         retry_s=float(_get(extra, "retry_s", d.retry_s)),
+        preempt_wait_ms=int(_get(extra, "preempt_wait_ms", d.preempt_wait_ms)),
+        shutdown_wait_ms=int(_get(extra, "shutdown_wait_ms", d.shutdown_wait_ms)),
     )

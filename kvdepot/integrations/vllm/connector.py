@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvdepot.integrations.vllm.compat import check_connector_api, check_vllm_version
 from kvdepot.integrations.vllm.config import settings_from_extra_config
+from kvdepot.integrations.vllm.identity import namespace_model
 from kvdepot.integrations.vllm.metadata import KVDepotHandshake, KVDepotMetadata, NamespaceSpec
 from kvdepot.integrations.vllm.scheduler_side import SchedulerSide
 from kvdepot.integrations.vllm.stats import KVDepotPromMetrics, KVDepotStats
@@ -93,7 +94,12 @@ class KVDepotConnector(KVConnectorBase_V1):
             model_config = vllm_config.model_config
             self._worker = WorkerSide(
                 self._settings,
-                model=self._settings.model or str(model_config.model),
+                # Which weights, not which name or path: a checkpoint replaced in place must
+                # not share chunks with the old one (identity.py).
+                model=namespace_model(
+                    self._settings.model, model_config, vllm_config.load_config,
+                    self._engine_id, self._settings.model_identity,
+                ),
                 rank=_tp_rank() if tp > 1 else 0,
                 world_size=tp,
                 block_size=block_size,

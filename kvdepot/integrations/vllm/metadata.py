@@ -54,6 +54,9 @@ class StoreSpec:
     req_id: str
     keys: bytes
     block_ids: list[int]  # blocks_per_chunk per chunk
+    # The key of the chunk before the first one (b"": the first is the prefix's chunk 0): the
+    # server links the chain across stores, so eviction keeps every prefix reachable.
+    parent: bytes = b""
 
     @property
     def num_chunks(self) -> int:
@@ -71,6 +74,9 @@ class KVDepotMetadata(KVConnectorMetadata):
     # Nothing is computed in this step (every scheduled request waits for its loads): the
     # workers may wait a little for loads in flight instead of letting the engine spin.
     idle_step: bool = False
+    # Finished requests whose blocks vLLM keeps because stores may still read them: each
+    # worker reports each of them in finished_sending once its stores are done, exactly once.
+    held_for_stores: list[str] = field(default_factory=list)
 
 
 @dataclass

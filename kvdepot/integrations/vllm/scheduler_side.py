@@ -48,6 +48,7 @@ from kvdepot.client import (
 )
 from kvdepot.integrations.vllm.compat import first_group, resumed_req_ids
 from kvdepot.integrations.vllm.config import ConnectorSettings
+from kvdepot.integrations.vllm.identity import adapter_identity
 from kvdepot.integrations.vllm.metadata import (
     KVDepotMetadata,
     LoadSpec,
@@ -94,7 +95,9 @@ class _Req:
     sync_leases: list[int] = field(default_factory=list)  # held until the request finishes
     block_ids: list[int] = field(default_factory=list)
     stored_upto: int = 0  # chunks [0, stored_upto) stored, planned, or loaded from the server
-    stores_planned: int = 0
+    # Stores planned out of the request's current blocks (a preemption frees those blocks and
+    # resets this): while any may still be copying, a finished request keeps its blocks.
+    stores_in_blocks: int = 0
 
 
 def request_root(ns_digest: bytes, request: Any) -> bytes:
@@ -102,11 +105,18 @@ def request_root(ns_digest: bytes, request: Any) -> bytes:
 
     KV also depends on the LoRA adapter, and vLLM's per-request ``cache_salt`` isolates
     tenants; both are folded into the root so such requests never share chunks with others.
+    The adapter is named by its weights (identity.adapter_identity), never by its per-engine
+    name and id: another engine may serve other weights under the same label.
     """
     parts = []
     lora = getattr(request, "lora_request", None)
     if lora is not None:
-        parts.append(f"lora:{getattr(lora, 'lora_name', '')}:{getattr(lora, 'lora_int_id', '')}")
+        adapter = adapter_identity(lora)
+        if adapter is None:
+            # _cacheable identified it a moment ago and it is gone now: a root that nothing
+            # else reaches, so the request shares nothing.
+            adapter = "unidentified:" + os.urandom(16).hex()
+        parts.append(f"adapter:{adapter}")
     salt = getattr(request, "cache_salt", None)
     if salt:
         parts.append(f"salt:{salt}")
@@ -125,6 +135,9 @@ def _cacheable(request: Any) -> bool:
         return False  # prompt embeddings: no tokens to key on
     if getattr(request, "mm_features", None) or getattr(request, "mm_positions", None):
         return False  # KV depends on the images too, which the keys do not cover
+    lora = getattr(request, "lora_request", None)
+    if lora is not None and adapter_identity(lora) is None:
+        return False  # KV depends on the adapter's weights, which cannot be identified
     return True
 
 
@@ -154,6 +167,7 @@ class SchedulerSide:
         self._to_release: list[int] = []
         self._retrieved: list[int] = []  # of _to_release: leases whose chunks were loaded
         self._orphan_loads: dict[str, int] = {}  # finished requests' loads still in flight
+        self._held_for_stores: list[str] = []  # finished, blocks kept: tell the workers
         self._down = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -163,7 +177,12 @@ class SchedulerSide:
     # --- namespace and connection -------------------------------------------------------------
 
     def set_namespace_spec(self, spec: NamespaceSpec) -> None:
-        """From the workers' handshake: connect and register in the background."""
+        """From the workers' handshake: connect and register.
+
+        The first attempt runs inline (engine start-up; one round trip, at most the client's
+        deadline when the server is away), so the very first requests already use the cache;
+        if it fails, a background thread retries every retry_s.
+        """
         if self._spec is not None:
             if self._spec != spec:
                 log.error("kvdepot: workers reported a different KV layout than before; ignored")
@@ -175,47 +194,52 @@ class SchedulerSide:
             engine_id=f"{self.engine_id}-scheduler",
             timeout_ms=self.settings.timeout_ms,
         )
-        # Connecting waits up to the client's deadline when the server is away: never on the
-        # scheduler's thread.
-        self._thread = threading.Thread(target=self._connect_loop, name="kvdepot-sched-connect", daemon=True)
-        self._thread.start()
+        if self._register_once() is None:
+            self._thread = threading.Thread(target=self._connect_loop, name="kvdepot-sched-connect", daemon=True)
+            self._thread.start()
 
     def _connect_loop(self) -> None:
-        spec, client = self._spec, self._client
-        assert spec is not None and client is not None
         while not self._closed:
-            try:
-                if client.connect():
-                    try:
-                        ns = client.register(spec.model, spec.geometry, spec.world_size, spec.salt)
-                    except KVDepotError as exc:  # the session dropped right after the handshake
-                        if exc.code != int(ErrorCode.NO_SESSION):
-                            raise
-                        client.connect()
-                        ns = client.register(spec.model, spec.geometry, spec.world_size, spec.salt)
-                    if ns.chunk_tokens % self.block_size:
-                        log.error(
-                            "kvdepot: the server's chunk size %d is not a multiple of vLLM's block "
-                            "size %d; the cache is off for this engine", ns.chunk_tokens, self.block_size,
-                        )
-                        return
-                    self._ns = ns
-                    self._server_back()
-                    log.info(
-                        "kvdepot: scheduler using %s, namespace %s (%s, chunk %d tokens)",
-                        self.settings.endpoint, ns.digest.hex()[:12], spec.geometry.describe(), ns.chunk_tokens,
-                    )
-                    return
-            except KVDepotError as exc:
-                if exc.code in (int(ErrorCode.GEOMETRY_MISMATCH), int(ErrorCode.BAD_REQUEST)):
-                    # The server answers but will not take this model: retrying cannot help.
-                    log.error("kvdepot: the server refused this engine's KV layout (%s); cache off", exc)
-                    return
-                log.debug("kvdepot: register failed: %s", exc)
-            self._server_away("not reachable")
             deadline = time.monotonic() + self.settings.retry_s
             while not self._closed and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if self._closed or self._register_once() is not None:
+                return
+
+    def _register_once(self) -> bool | None:
+        """One attempt: True registered, False refused for good (cache off), None try later."""
+        spec, client = self._spec, self._client
+        assert spec is not None and client is not None
+        try:
+            if client.connect():
+                try:
+                    ns = client.register(spec.model, spec.geometry, spec.world_size, spec.salt)
+                except KVDepotError as exc:  # the session dropped right after the handshake
+                    if exc.code != int(ErrorCode.NO_SESSION):
+                        raise
+                    client.connect()
+                    ns = client.register(spec.model, spec.geometry, spec.world_size, spec.salt)
+                if ns.chunk_tokens % self.block_size:
+                    log.error(
+                        "kvdepot: the server's chunk size %d is not a multiple of vLLM's block "
+                        "size %d; the cache is off for this engine", ns.chunk_tokens, self.block_size,
+                    )
+                    return False
+                self._ns = ns
+                self._server_back()
+                log.info(
+                    "kvdepot: scheduler using %s, namespace %s (%s, chunk %d tokens)",
+                    self.settings.endpoint, ns.digest.hex()[:12], spec.geometry.describe(), ns.chunk_tokens,
+                )
+                return True
+        except KVDepotError as exc:
+            if exc.code in (int(ErrorCode.GEOMETRY_MISMATCH), int(ErrorCode.BAD_REQUEST)):
+                # The server answers but will not take this model: retrying cannot help.
+                log.error("kvdepot: the server refused this engine's KV layout (%s); cache off", exc)
+                return False
+            log.debug("kvdepot: register failed: %s", exc)
+        self._server_away("not reachable")
+        return None
 
     def _server_away(self, why: str) -> None:
         if not self._down:
@@ -460,8 +484,13 @@ class SchedulerSide:
             loads=self._new_loads,
             preempted=_preempted(scheduler_output),
             idle_step=getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0,
+            held_for_stores=self._held_for_stores,
         )
-        self._new_loads = []
+        self._new_loads, self._held_for_stores = [], []
+        for req_id in meta.preempted or ():
+            st = self._reqs.get(req_id)
+            if st is not None:
+                self._blocks_freed(st)
         touched: list[tuple[_Req, int]] = []
         num_scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -478,6 +507,7 @@ class SchedulerSide:
                 continue
             new_ids = cached.new_block_ids[i] if i < len(cached.new_block_ids) else None
             if req_id in resumed:
+                self._blocks_freed(st)  # (when this vLLM does not name preempted requests)
                 st.block_ids = first_group(new_ids)
             elif new_ids is not None:
                 st.block_ids.extend(first_group(new_ids))
@@ -501,11 +531,27 @@ class SchedulerSide:
         whole = min(whole, len(st.block_ids) // bpc)
         if whole <= st.stored_upto:
             return None
-        keys = self._keys(st, whole)[st.stored_upto : whole]
-        spec = StoreSpec(st.req_id, b"".join(keys), st.block_ids[st.stored_upto * bpc : whole * bpc])
+        chain = self._keys(st, whole)
+        keys = chain[st.stored_upto : whole]
+        spec = StoreSpec(st.req_id, b"".join(keys), st.block_ids[st.stored_upto * bpc : whole * bpc],
+                         parent=chain[st.stored_upto - 1] if st.stored_upto else b"")
         st.stored_upto = whole
-        st.stores_planned += 1
+        st.stores_in_blocks += 1
         return spec
+
+    def _blocks_freed(self, st: _Req) -> None:
+        """The request was preempted: vLLM freed its blocks. Stores still reading them are the
+        workers' to settle before the blocks are reused (handle_preemptions: finished, or
+        aborted, never committed with another request's bytes); queued ones are dropped. So
+        nothing past the request's loaded prefix is known stored: plan every whole chunk again
+        once it is recomputed (the server answers PRESENT for the chunks it has), so that a
+        dropped store never leaves a hole in the prefix."""
+        st.stores_in_blocks = 0
+        st.stored_upto = 0
+        st.block_ids = []
+        for lease in st.sync_leases:  # the load was read in its own step, long ago
+            self._release_loaded(lease)
+        st.sync_leases = []
 
     def update_connector_output(self, connector_output: Any) -> None:
         for req_id in getattr(connector_output, "finished_recving", None) or ():
@@ -515,28 +561,44 @@ class SchedulerSide:
                 if st.load_lease:
                     self._release_loaded(st.load_lease)
                     st.load_lease = 0
-            lease = self._orphan_loads.pop(req_id, 0)
-            if lease:
-                self._release_loaded(lease)
+            if req_id in self._orphan_loads:
+                lease = self._orphan_loads.pop(req_id)
+                if lease:
+                    self._release_loaded(lease)
 
     def _release_loaded(self, lease: int) -> None:
         self._to_release.append(lease)
         self._retrieved.append(lease)
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
+        """Whether vLLM must keep the finished request's blocks (see docs/request-lifecycle.md).
+
+        - An asynchronous load still in flight (WAITING_FOR_REMOTE_KVS): vLLM itself keeps the
+          blocks until the workers report the request in ``finished_recving``; answering True
+          as well would make vLLM free them twice. False.
+        - Else stores planned out of the current blocks: True, and the workers are told (in
+          the next step's metadata) to report the request in ``finished_sending`` once its
+          stores are done, exactly once.
+        - Else False.
+        """
         st = self._reqs.pop(request.request_id, None)
         if st is None:
             return False, None
+        if st.pending is not None:
+            st.pending.abandon()  # its lease, if any, is given back when the reply comes
+            st.pending = None
         self._drop_lookup(st)
         for lease in st.sync_leases:
             self._release_loaded(lease)
-        if st.load_lease:
-            # The workers may still be copying out of the leased slots: the lease goes when
-            # they report the load finished (or expires by its TTL).
+        if st.loading:
+            # The workers may still be copying into the blocks and out of the leased slots:
+            # the lease goes when they report the load (or expires by its TTL).
             self._orphan_loads[st.req_id] = st.load_lease
-        # Keep the blocks while a store may still be reading them; every worker reports the
-        # request in get_finished once its copies are done.
-        return st.stores_planned > 0, None
+            return False, None
+        if st.stores_in_blocks:
+            self._held_for_stores.append(st.req_id)
+            return True, None
+        return False, None
 
     def _release_leases(self) -> None:
         if not self._to_release or self._client is None:
@@ -558,7 +620,7 @@ class SchedulerSide:
 
     def close(self) -> None:
         self._closed = True
-        self._to_release.extend(self._orphan_loads.values())
+        self._to_release.extend(lease for lease in self._orphan_loads.values() if lease)
         self._orphan_loads.clear()
         self._release_leases()
         if self._client is not None:

@@ -81,6 +81,9 @@ class _Job:
     chunk_tokens: int
     event: Any = None  # CUDA event the copy must follow (GPU)
     finished: threading.Event | None = None  # set when a synchronous load is done
+    # A store whose source blocks may have been reused (its request was preempted and the
+    # wait for it gave up): never commit it; abort its reservation instead.
+    dropped: bool = False
 
 
 class WorkerSide:
@@ -125,15 +128,15 @@ class WorkerSide:
         self._loads: collections.deque[_Job] = collections.deque()
         self._stores: collections.deque[_Job] = collections.deque()
         self._running: _Job | None = None
-        self._cancelled: set[str] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
 
         # Results handed from the I/O thread to get_finished (under _cv).
         self._done_loads: list[tuple[str, list[int]]] = []
         self._store_pending: dict[str, int] = {}  # req -> stores queued or running
-        self._store_reqs: set[str] = set()  # reqs with any store this worker was told of
-        self._finishing: set[str] = set()  # finished reqs waiting for their stores
+        # Finished requests whose blocks vLLM keeps for their stores (the scheduler said so):
+        # reported in finished_sending once their stores are done.
+        self._finishing: set[str] = set()
         self._load_errors: set[int] = set()
         self._loading: set[str] = set()
         self.counters = empty_counters()
@@ -164,25 +167,39 @@ class WorkerSide:
     # --- the step hooks (engine thread) -----------------------------------------------------
 
     def handle_preemptions(self, meta: KVDepotMetadata | None) -> None:
+        """Before a step that may hand preempted requests' blocks to others: their queued
+        stores are dropped (the scheduler plans them again after the resume), a running one
+        may finish within preempt_wait_ms, else it is aborted: never committed."""
         if meta is None or not self._store_pending:
             return
         with self._cv:
             if meta.preempted is None:
-                targets = set(self._store_pending)  # unknown: wait for every store
+                targets = set(self._store_pending)  # unknown: every store
             else:
                 targets = set(meta.preempted) & set(self._store_pending)
             if not targets:
                 return
-            # Queued stores of these requests are dropped (best effort); a running one finishes.
-            self._cancelled |= targets
-            deadline = time.monotonic() + max(5.0, 3 * self.settings.timeout_ms / 1000.0)
-            while any(self._store_pending.get(r, 0) for r in targets):
-                if not self._cv.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    if time.monotonic() >= deadline:
-                        log.warning("kvdepot: a store of a preempted request is still running")
-                        return  # keep them cancelled: the queued ones must never run
-            # Nothing of theirs is queued any more; stores planned after they resume must run.
-            self._cancelled -= targets
+            kept: collections.deque[_Job] = collections.deque()
+            for job in self._stores:
+                if job.spec.req_id in targets:
+                    self._count_store_done(job.spec.req_id)
+                else:
+                    kept.append(job)
+            self._stores = kept
+            deadline = time.monotonic() + self.settings.preempt_wait_ms / 1000.0
+            while self._running is not None and self._running.kind == "store" and (
+                self._running.spec.req_id in targets
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._running.dropped = True
+                    self.counters["store_errors"] += 1
+                    log.warning(
+                        "kvdepot: a store of preempted request %s is still copying after %d ms; "
+                        "it will be aborted", self._running.spec.req_id, self.settings.preempt_wait_ms,
+                    )
+                    return
+                self._cv.wait(timeout=left)
 
     def start_load_kv(self, meta: KVDepotMetadata | None) -> None:
         if meta is None or not meta.loads:
@@ -260,7 +277,6 @@ class WorkerSide:
         event = self._record_event()
         with self._cv:
             for spec in meta.stores:
-                self._store_reqs.add(spec.req_id)
                 self._store_pending[spec.req_id] = self._store_pending.get(spec.req_id, 0) + 1
                 self._stores.append(_Job("store", spec, meta.chunk_tokens, event))
             self._cv.notify_all()
@@ -290,15 +306,10 @@ class WorkerSide:
                 self._loading.discard(req_id)
                 self._load_errors.update(failed)
             self._done_loads.clear()
-            for req_id in finished_req_ids:
-                if req_id in self._store_reqs:
-                    self._finishing.add(req_id)
+            if meta is not None:
+                self._finishing.update(meta.held_for_stores)
             sending = {r for r in self._finishing if not self._store_pending.get(r, 0)}
-            for r in sending:
-                self._finishing.discard(r)
-                self._store_reqs.discard(r)
-                self._store_pending.pop(r, None)
-                self._cancelled.discard(r)
+            self._finishing -= sending
         return (sending or None), (recving or None)
 
     def _loads_pending(self) -> bool:
@@ -342,21 +353,33 @@ class WorkerSide:
             out, self.counters = self.counters, empty_counters()
         return out
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def shutdown(self) -> None:
+        """A graceful end: stores in flight get up to settings.shutdown_wait_ms to commit;
+        then queued ones are dropped and a running one aborts its reservation (nothing is
+        left half-written on the server); the client says goodbye, ending the session."""
         with self._cv:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + self.settings.shutdown_wait_ms / 1000.0
             while (self._stores or self._loads or self._running) and time.monotonic() < deadline:
                 self._cv.wait(timeout=0.05)
+            for job in self._stores:
+                self._count_store_done(job.spec.req_id)
+                self.counters["store_errors"] += 1
+            if self._stores or (self._running is not None and self._running.kind == "store"):
+                log.warning("kvdepot: rank %d: stores still in flight at shutdown are dropped", self.rank)
+            self._stores.clear()
+            if self._running is not None:
+                self._running.dropped = True
             self._closed = True
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=timeout)
+            # A running call ends within the client's deadline.
+            self._thread.join(timeout=2 * self.settings.timeout_ms / 1000.0 + 1.0)
         if self._copier is not None:
             self._copier.close()
         if self._client is not None:
             try:
                 self._client.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - shutting down
                 pass
 
     def _record_event(self):
@@ -380,9 +403,6 @@ class WorkerSide:
                 job = self._loads.popleft() if self._loads else (
                     self._stores.popleft() if self._stores else None
                 )
-                if job is not None and job.kind == "store" and job.spec.req_id in self._cancelled:
-                    self._store_done(job.spec.req_id)
-                    continue
                 self._running = job
             try:
                 if job is None:
@@ -570,7 +590,9 @@ class WorkerSide:
             bpc = ns.chunk_tokens // self.block_size
             reservation = 0
             try:
-                res = _once_more_on_new_session(lambda: client.reserve(ns, self.rank, keys))
+                res = _once_more_on_new_session(
+                    lambda: client.reserve(ns, self.rank, keys, parent=spec.parent)
+                )
                 reservation = res.id
                 todo = [
                     ChunkCopy(res.offsets[i], spec.block_ids[i * bpc : (i + 1) * bpc])
@@ -582,6 +604,13 @@ class WorkerSide:
                     if job.event is not None:
                         job.event.synchronize()
                     copier.store(todo).wait()
+                with self._cv:
+                    dropped = job.dropped
+                if dropped:  # the blocks may hold another request's KV by now
+                    reservation, abandoned = 0, reservation
+                    if abandoned:
+                        client.abort(abandoned)
+                    return
                 if reservation:
                     client.commit(reservation)
                     reservation = 0
@@ -620,12 +649,16 @@ class WorkerSide:
 
     def _store_done(self, req_id: str) -> None:
         with self._cv:
-            n = self._store_pending.get(req_id, 0)
-            if n > 1:
-                self._store_pending[req_id] = n - 1
-            else:
-                self._store_pending.pop(req_id, None)
+            self._count_store_done(req_id)
             self._cv.notify_all()
+
+    def _count_store_done(self, req_id: str) -> None:
+        """(under _cv) One store of req_id is over: done, failed, dropped or aborted."""
+        n = self._store_pending.get(req_id, 0)
+        if n > 1:
+            self._store_pending[req_id] = n - 1
+        else:
+            self._store_pending.pop(req_id, None)
 
 
 def _session_dropped(exc: KVDepotError) -> bool:
