@@ -232,3 +232,34 @@ def test_tensor_parallel_2_every_rank_its_shard(model, baseline):
         vs.assert_same_output(second, own_hit)
         # TP=2 sums in another order than TP=1: the same tokens, log-probs within ~0.06.
         assert second["tokens"] == baseline["full"][tuple(P_MAIN)]["tokens"]
+
+
+def test_chunked_prefill_keeps_the_prefix_head_in_a_small_buffer(model):
+    """Fault 7 of issue 10: a buffer of 8 chunks and one 4,000-token prompt prefilled 512
+    tokens per step (so its 15 whole chunks arrive over 8 store calls). The server links the
+    chain across calls and evicts from its tail: a fresh engine hits the first 8 chunks (2,048
+    tokens), and its output equals vLLM's own prefix-cache hit of those 2,048 tokens."""
+    prompt = vs.random_prompt(4000, seed=40)
+    chunked = {"max_num_batched_tokens": 512, "enable_chunked_prefill": True}
+    # vLLM's own hit of exactly the first 2,048 tokens: a prompt sharing them (and not its
+    # 17th block), then the prompt itself, in an engine without the connector.
+    warm = prompt[:2048] + vs.random_prompt(300, seed=41)
+    ref = vs.run_engine(model, [{"prompts": [p], "max_tokens": MAX_TOKENS} for p in (warm, prompt)],
+                        engine_args=chunked)["rounds"][1]["outputs"][0]
+    assert ref["num_cached_tokens"] == 2048
+    slot = 2 * 2 * 64 * 2 * 2 * CHUNK  # layers x kv heads x head dim x (K, V) x bf16 x tokens
+    with vs.KVDepotServer(cpu_buffer_gb=8 * slot / 1e9) as srv:
+        cfg = vs.kvdepot_transfer_config(srv.port)
+        run = lambda: vs.run_engine(  # noqa: E731
+            model, [{"prompts": [prompt], "max_tokens": MAX_TOKENS}], kv_transfer_config=cfg,
+            engine_args=chunked,
+        )["rounds"][0]["outputs"][0]
+        first = run()
+        assert first["num_cached_tokens"] == 0
+        stats = srv.stats()
+        assert stats.stored_chunks >= 8
+        second = run()
+        assert second["num_cached_tokens"] == 2048
+        vs.assert_same_output(second, ref)
+        stats = srv.stats()
+        assert stats.leases_held == 0

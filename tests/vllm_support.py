@@ -165,6 +165,7 @@ def run_engine(
     kv_cache_memory_bytes: int = 64 << 20,
     block_size: int | None = None,
     tensor_parallel_size: int = 1,
+    engine_args: dict[str, Any] | None = None,
     metrics: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 300,
@@ -188,6 +189,7 @@ def run_engine(
         "kv_cache_memory_bytes": kv_cache_memory_bytes,
         "block_size": block_size,
         "tensor_parallel_size": tensor_parallel_size,
+        "engine_args": engine_args or {},
         "metrics": metrics,
         "result": os.path.join(workdir, "result.json"),
     }
@@ -302,6 +304,7 @@ def _engine_main(spec_path: str) -> None:
         kwargs["distributed_executor_backend"] = "mp"
     if spec.get("kv_transfer_config"):
         kwargs["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer_config"])
+    kwargs.update(spec.get("engine_args") or {})  # e.g. max_num_batched_tokens
     llm = LLM(**kwargs)
     result: dict[str, Any] = {"startup_s": time.monotonic() - t0, "rounds": []}
     for rnd in spec["rounds"]:
