@@ -83,7 +83,7 @@ class _Req:
     request: Any  # vLLM's Request (token lists grow in place)
     root: bytes | None = None
     keys: list[bytes] = field(default_factory=list)  # keys of whole chunks computed so far
-    skip: bool = False  # not cacheable (multimodal, prompt embeddings)
+    skip: bool = False  # not cacheable (multimodal, prompt embeddings, an unidentifiable LoRA adapter)
     local_tokens: int = 0  # vLLM's own prefix-cache hit, as last given to us
     pending: Any = None  # PendingReply of a lookup in flight
     pending_first: int = 0
@@ -554,6 +554,7 @@ class SchedulerSide:
         st.sync_leases = []
 
     def update_connector_output(self, connector_output: Any) -> None:
+        orphans = False
         for req_id in getattr(connector_output, "finished_recving", None) or ():
             st = self._reqs.get(req_id)
             if st is not None and st.loading:
@@ -565,6 +566,10 @@ class SchedulerSide:
                 lease = self._orphan_loads.pop(req_id)
                 if lease:
                     self._release_loaded(lease)
+                    # The request is gone: no step may follow to release it in (an idle engine).
+                    orphans = True
+        if orphans:
+            self._release_leases()
 
     def _release_loaded(self, lease: int) -> None:
         self._to_release.append(lease)
