@@ -19,7 +19,12 @@ _PERSON_CHUNK = b"kvdepot-ck-v1"
 
 
 def namespace_digest(model: str, geometry: KVGeometry, world_size: int, salt: str) -> bytes:
-    """The root of every key chain of one model, KV geometry, TP degree and tenant salt."""
+    """The root of every key chain of one model, KV geometry, TP degree and tenant salt, and
+    the namespace's only lasting name: equal across processes, machines and server restarts,
+    it names the namespace wherever it outlives one server boot (a tier's files, another
+    node). The small id a server hands engines at Register is valid for that boot only.
+    Every field that changes what a slot's bytes mean is in it; the chunk size is not, as it
+    changes every key of the chain anyway."""
     h = hashlib.blake2b(digest_size=KEY_BYTES, person=_PERSON_NAMESPACE.ljust(16, b"\0"))
     for part in (
         model,

@@ -79,17 +79,28 @@ class KVGeometry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
+class Message(msgspec.Struct, array_like=True):
+    """The base of every request and reply: a msgpack array whose first item is the message's
+    wire tag. Each message names its tag explicitly (``class Lookup(Message, tag="Lookup")``),
+    so renaming a class never changes the wire; a new message needs a new, unused tag."""
+
+
+def wire_tag(message_type: type[Message]) -> str:
+    """The tag a message type travels under (its name in metrics and logs too)."""
+    return message_type.__struct_config__.tag  # type: ignore[return-value]
+
+
 # --- requests -------------------------------------------------------------------------------
 
 
-class Hello(msgspec.Struct, tag=True, array_like=True):
+class Hello(Message, tag="Hello"):
     req_id: int
     protocol_version: int
     engine_id: str
     pid: int = 0
 
 
-class Register(msgspec.Struct, tag=True, array_like=True):
+class Register(Message, tag="Register"):
     """Declare the KV geometry of a model served with ``world_size`` tensor-parallel ranks."""
 
     req_id: int
@@ -99,7 +110,7 @@ class Register(msgspec.Struct, tag=True, array_like=True):
     salt: str = ""
 
 
-class Lookup(msgspec.Struct, tag=True, array_like=True):
+class Lookup(Message, tag="Lookup"):
     """How many leading chunks does every rank have? Optionally lease them for a later load."""
 
     req_id: int
@@ -108,7 +119,7 @@ class Lookup(msgspec.Struct, tag=True, array_like=True):
     lease_ms: int = 0  # 0: no lease
 
 
-class Reserve(msgspec.Struct, tag=True, array_like=True):
+class Reserve(Message, tag="Reserve"):
     """Phase one of a store: slots for ``rank``'s shard of each chunk, not readable until Commit.
 
     ``keys`` are consecutive chunks of one chain; ``parent`` is the key of the chunk just before
@@ -126,17 +137,17 @@ class Reserve(msgspec.Struct, tag=True, array_like=True):
     parent: bytes = b""
 
 
-class Commit(msgspec.Struct, tag=True, array_like=True):
+class Commit(Message, tag="Commit"):
     req_id: int
     reservation: int
 
 
-class Abort(msgspec.Struct, tag=True, array_like=True):
+class Abort(Message, tag="Abort"):
     req_id: int
     reservation: int
 
 
-class Acquire(msgspec.Struct, tag=True, array_like=True):
+class Acquire(Message, tag="Acquire"):
     """Lease ``rank``'s slots of the longest committed prefix of ``keys`` for reading."""
 
     req_id: int
@@ -146,7 +157,7 @@ class Acquire(msgspec.Struct, tag=True, array_like=True):
     lease_ms: int = 0  # 0: the server's default
 
 
-class Release(msgspec.Struct, tag=True, array_like=True):
+class Release(Message, tag="Release"):
     """End leases. ``retrieved`` names those (each also in ``leases``) whose chunks the engine
     read, so the server counts and logs the retrieval; an Acquire lease counts either way."""
 
@@ -156,15 +167,15 @@ class Release(msgspec.Struct, tag=True, array_like=True):
     retrieved: list[int] = []
 
 
-class Heartbeat(msgspec.Struct, tag=True, array_like=True):
+class Heartbeat(Message, tag="Heartbeat"):
     req_id: int
 
 
-class GetStats(msgspec.Struct, tag=True, array_like=True):
+class GetStats(Message, tag="GetStats"):
     req_id: int
 
 
-class Goodbye(msgspec.Struct, tag=True, array_like=True):
+class Goodbye(Message, tag="Goodbye"):
     req_id: int
 
 
@@ -173,7 +184,7 @@ SingleRequest = Union[
 ]
 
 
-class Batch(msgspec.Struct, tag=True, array_like=True):
+class Batch(Message, tag="Batch"):
     """Several requests in one round trip; answered by one BatchReply in the same order."""
 
     req_id: int
@@ -186,7 +197,7 @@ Request = Union[SingleRequest, Batch]
 # --- replies --------------------------------------------------------------------------------
 
 
-class HelloReply(msgspec.Struct, tag=True, array_like=True):
+class HelloReply(Message, tag="HelloReply"):
     req_id: int
     protocol_version: int
     boot_id: str
@@ -202,7 +213,7 @@ class HelloReply(msgspec.Struct, tag=True, array_like=True):
     arena_identity: bool = False
 
 
-class RegisterReply(msgspec.Struct, tag=True, array_like=True):
+class RegisterReply(Message, tag="RegisterReply"):
     req_id: int
     namespace: int
     namespace_digest: bytes  # the first link of every key chain in this namespace
@@ -210,7 +221,7 @@ class RegisterReply(msgspec.Struct, tag=True, array_like=True):
     chunk_tokens: int
 
 
-class LookupReply(msgspec.Struct, tag=True, array_like=True):
+class LookupReply(Message, tag="LookupReply"):
     req_id: int
     hit_chunks: int
     lease: int = 0
@@ -221,40 +232,40 @@ class LookupReply(msgspec.Struct, tag=True, array_like=True):
     offsets: list[int] = []
 
 
-class ReserveReply(msgspec.Struct, tag=True, array_like=True):
+class ReserveReply(Message, tag="ReserveReply"):
     req_id: int
     reservation: int  # 0 when nothing was reserved
     status: list[int]  # SlotStatus per key
     offsets: list[int]  # arena byte offset per key; -1 where there is nothing to write
 
 
-class CommitReply(msgspec.Struct, tag=True, array_like=True):
+class CommitReply(Message, tag="CommitReply"):
     req_id: int
     committed: int
 
 
-class AcquireReply(msgspec.Struct, tag=True, array_like=True):
+class AcquireReply(Message, tag="AcquireReply"):
     req_id: int
     lease: int
     offsets: list[int]  # one per leading chunk this rank has; may be shorter than the keys
 
 
-class OkReply(msgspec.Struct, tag=True, array_like=True):
+class OkReply(Message, tag="OkReply"):
     req_id: int
 
 
-class StatsReply(msgspec.Struct, tag=True, array_like=True):
+class StatsReply(Message, tag="StatsReply"):
     req_id: int
     stats: "ServerStats"
 
 
-class ErrorReply(msgspec.Struct, tag=True, array_like=True):
+class ErrorReply(Message, tag="ErrorReply"):
     req_id: int
     code: int
     message: str
 
 
-class BatchReply(msgspec.Struct, tag=True, array_like=True):
+class BatchReply(Message, tag="BatchReply"):
     req_id: int
     replies: list[
         Union[

@@ -11,7 +11,7 @@ from kvdepot.keys import chunk_keys
 from kvdepot.protocol import ErrorCode, KEY_BYTES, SlotStatus
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.cache import CacheCore, CacheError, CacheObserver
-from kvdepot.server.eviction import LRUPolicy
+from kvdepot.server.policies import POLICY_CLASSES, LRUPolicy
 
 MIB = 1 << 20
 A, B = b"engine-a", b"engine-b"
@@ -78,22 +78,20 @@ def test_lru_policy_order():
     for k in "abc":
         lru.insert(k)
     lru.insert("a")  # touched
-    assert lru.victim() == "b"
-    lru.remove("b")
-    assert lru.victim() == "c" and len(lru) == 2
+    assert lru.evict(1) == ["b"]
+    assert len(lru) == 2 and lru.evict(1) == ["c"]
     lru.remove("zz")  # absent: ignored
 
 
-def test_lru_touch_all_skips_untracked_keys_and_keeps_order():
+def test_lru_touch_skips_untracked_keys_and_keeps_order():
     lru = LRUPolicy()
     for k in "abcdef":
         lru.insert(k)
     lru.remove("c")  # leased, say: not evictable, not tracked
-    lru.touch_all(iter("xacfbz"))  # untracked keys first, in the middle and last
+    lru.touch(iter("xacfbz"))  # untracked keys first, in the middle and last
     order = []
-    while lru.victim() is not None:
-        order.append(lru.victim())
-        lru.remove(order[-1])
+    while victims := lru.evict(1):
+        order += victims
     assert order == ["d", "e", "a", "f", "b"]
 
 
@@ -352,9 +350,11 @@ def test_bad_requests_change_nothing():
     core.check_invariants()
 
 
-def test_random_operations_keep_invariants():
+@pytest.mark.parametrize("policy", sorted(POLICY_CLASSES))
+def test_random_operations_keep_invariants(policy):
     rng = random.Random(1234)
-    core = make_core(arena_mib=4, slab_mib=1, lease_ttl_s=3, reservation_ttl_s=3)
+    core = make_core(arena_mib=4, slab_mib=1, lease_ttl_s=3, reservation_ttl_s=3,
+                     policy_factory=POLICY_CLASSES[policy])
     spaces = [core.register("a", small_geometry(), 2, ""), core.register("b", small_geometry(layers=5), 1, "")]
     prompts = [(ns, keys_for(core, ns.digest, s, 12)) for s in range(6) for ns in spaces]
     sessions = [b"s1", b"s2", b"s3"]
@@ -403,7 +403,7 @@ def test_random_operations_keep_invariants():
     core.check_invariants()
 
 
-def test_lru_touch_all_hands_untracked_keys_over_at_their_turn():
+def test_lru_touch_hands_untracked_keys_over_at_their_turn():
     lru = LRUPolicy()
     for k in "abc":
         lru.insert(k)
@@ -414,10 +414,9 @@ def test_lru_touch_all_hands_untracked_keys_over_at_their_turn():
         if key == "p":  # a parked key comes back where the sequence reaches it
             lru.insert(key)
 
-    lru.touch_all(iter("cxpa"), missing)
+    lru.touch(iter("cxpa"), missing)
     assert seen == ["x", "p"]
     order = []
-    while lru.victim() is not None:
-        order.append(lru.victim())
-        lru.remove(order[-1])
+    while victims := lru.evict(1):
+        order += victims
     assert order == ["b", "c", "p", "a"]

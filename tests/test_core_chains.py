@@ -8,7 +8,9 @@ that stored or touched them."""
 from __future__ import annotations
 
 import random
+import sys
 
+import pytest
 from conftest import small_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,8 +20,17 @@ from kvdepot.keys import chunk_keys
 from kvdepot.protocol import SlotStatus
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.cache import CacheCore, CacheError
+from kvdepot.server.policies import POLICY_CLASSES
 
 C = 256  # tokens per chunk in make_core
+_policy = "lru"  # the eviction policy of this module's cores: every test runs with each
+
+
+@pytest.fixture(autouse=True, params=sorted(POLICY_CLASSES))
+def eviction_policy(request, monkeypatch):
+    """Every property here holds whichever policy orders the evictable chunks."""
+    monkeypatch.setattr(sys.modules[__name__], "_policy", request.param)
+    return request.param
 
 
 def chain(ns_digest: bytes, seed: int, n: int, shared: list[int] | None = None) -> list[bytes]:
@@ -53,6 +64,7 @@ def resident(core: CacheCore, keys: list[bytes]) -> list[bool]:
 
 
 def sixteen_slot_core(**kw) -> CacheCore:
+    kw.setdefault("policy_factory", POLICY_CLASSES[_policy])
     return make_core(arena_mib=1, slab_mib=1, **kw)  # 64 KiB slots: 16 of them
 
 
@@ -250,11 +262,13 @@ class ChainModel:
         self.core.check_invariants()
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(OPS)
 def test_chains_stored_over_many_calls_stay_prefixes(ops):
     # Room for 16 chunks of the first namespace: every few stores evict, across size classes.
-    core = CacheCore(SlabAllocator(1 << 20, 256 << 10), C, lease_ttl_s=3, reservation_ttl_s=3)
+    core = CacheCore(SlabAllocator(1 << 20, 256 << 10), C, lease_ttl_s=3, reservation_ttl_s=3,
+                     policy_factory=POLICY_CLASSES[_policy])
     model = ChainModel(core)
     sessions = [b"s1", b"s2"]
     open_res: list[tuple[bytes, int, list[bytes]]] = []

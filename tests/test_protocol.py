@@ -89,3 +89,120 @@ def test_a_new_client_knows_whether_the_server_writes_an_arena_identity():
     new = p.HelloReply(1, p.PROTOCOL_VERSION, "b" * 32, "0.2", "kvdepot", 1 << 30, 256, 1000, 10000, True)
     assert p.decode_reply(p.encode(new)).arena_identity is True
     assert msgspec.msgpack.decode(p.encode(new), type=OldHelloReply).boot_id == old.boot_id
+
+
+# --- explicit wire tags: every frame is what it was, and a class rename cannot change it ------
+
+
+def samples() -> list[p.Message]:
+    """One message of every type, every field set."""
+    g = p.KVGeometry(num_layers=2, num_kv_heads=2, head_size_k=16, head_size_v=16, dtype="bfloat16",
+                     block_size=16, num_planes=2, piece_bytes=2048, layout="layer_major:2x2048:test")
+    key = bytes(range(16))
+    stats = p.ServerStats("0.1.0", "b" * 32, 1.5, True, 1 << 30, 4096, (1 << 30) - 4096, 256, 1, 1, 1,
+                          2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, {"NO_SPACE": 2})
+    return [
+        p.Hello(req_id=1, protocol_version=1, engine_id="engine-a", pid=4242),
+        p.Register(req_id=2, model="m", geometry=g, world_size=2, salt="tenant"),
+        p.Lookup(req_id=3, namespace=1, keys=key * 2, lease_ms=500),
+        p.Reserve(req_id=4, namespace=1, rank=1, keys=key, ttl_ms=9, parent=key[::-1]),
+        p.Commit(req_id=5, reservation=7),
+        p.Abort(req_id=6, reservation=8),
+        p.Acquire(req_id=7, namespace=1, rank=0, keys=key, lease_ms=100),
+        p.Release(req_id=8, leases=[1, 2], retrieved=[2]),
+        p.Heartbeat(req_id=9),
+        p.GetStats(req_id=10),
+        p.Goodbye(req_id=11),
+        p.Batch(req_id=12, ops=[p.Heartbeat(req_id=13), p.Commit(req_id=14, reservation=3)]),
+        p.HelloReply(1, 1, "b" * 32, "0.1.0", "kvdepot", 1 << 30, 256, 1000, 10000, True),
+        p.RegisterReply(req_id=2, namespace=1, namespace_digest=key, slot_bytes=65536, chunk_tokens=256),
+        p.LookupReply(req_id=3, hit_chunks=2, lease=5, offsets=[0, 65536]),
+        p.ReserveReply(req_id=4, reservation=6, status=[0, 1], offsets=[4096, -1]),
+        p.CommitReply(req_id=5, committed=2),
+        p.AcquireReply(req_id=7, lease=9, offsets=[8192]),
+        p.OkReply(req_id=8),
+        p.StatsReply(req_id=10, stats=stats),
+        p.ErrorReply(req_id=11, code=4, message="bad"),
+        p.BatchReply(req_id=12, replies=[p.OkReply(req_id=13), p.ErrorReply(req_id=14, code=10, message="gone")]),
+    ]
+
+
+PINNED = {  # hex of each sample's frame, from the protocol before explicit tags (commit e0a4daa)
+    "Hello": "95a548656c6c6f0101a8656e67696e652d61cd1092",
+    "Register": (
+        "96a8526567697374657202a16d89aa6e756d5f6c617965727302ac6e756d5f6b765f686561647302ab686561"
+        "645f73697a655f6b10ab686561645f73697a655f7610a56474797065a862666c6f61743136aa626c6f636b5f"
+        "73697a6510aa6e756d5f706c616e657302ab70696563655f6279746573cd0800a66c61796f7574b76c617965"
+        "725f6d616a6f723a3278323034383a7465737402a674656e616e74"
+    ),
+    "Lookup": (
+        "95a64c6f6f6b75700301c420000102030405060708090a0b0c0d0e0f000102030405060708090a0b0c0d0e0f"
+        "cd01f4"
+    ),
+    "Reserve": (
+        "97a752657365727665040101c410000102030405060708090a0b0c0d0e0f09c4100f0e0d0c0b0a0908070605"
+        "0403020100"
+    ),
+    "Commit": "93a6436f6d6d69740507",
+    "Abort": "93a541626f72740608",
+    "Acquire": "96a741637175697265070100c410000102030405060708090a0b0c0d0e0f64",
+    "Release": "94a752656c65617365089201029102",
+    "Heartbeat": "92a948656172746265617409",
+    "GetStats": "92a847657453746174730a",
+    "Goodbye": "92a7476f6f646279650b",
+    "Batch": "93a542617463680c9292a94865617274626561740d93a6436f6d6d69740e03",
+    "HelloReply": (
+        "9baa48656c6c6f5265706c790101d92062626262626262626262626262626262626262626262626262626262"
+        "62626262a5302e312e30a76b766465706f74ce40000000cd0100cd03e8cd2710c3"
+    ),
+    "RegisterReply": "96ad52656769737465725265706c790201c410000102030405060708090a0b0c0d0e0fce00010000cd0100",
+    "LookupReply": "95ab4c6f6f6b75705265706c790302059200ce00010000",
+    "ReserveReply": "95ac526573657276655265706c79040692000192cd1000ff",
+    "CommitReply": "93ab436f6d6d69745265706c790502",
+    "AcquireReply": "94ac416371756972655265706c79070991cd2000",
+    "OkReply": "92a74f6b5265706c7908",
+    "StatsReply": (
+        "93aa53746174735265706c790ade001ca776657273696f6ea5302e312e30a7626f6f745f6964d92062626262"
+        "62626262626262626262626262626262626262626262626262626262a8757074696d655f73cb3ff800000000"
+        "0000a57265616479c3ab6172656e615f6279746573ce40000000aa757365645f6279746573cd1000aa667265"
+        "655f6279746573ce3ffff000ac6368756e6b5f746f6b656e73cd0100a66368756e6b7301aa6e616d65737061"
+        "63657301b1656e67696e65735f636f6e6e656374656401ab6c65617365735f68656c6402b172657365727661"
+        "74696f6e735f6f70656e03a76c6f6f6b75707304aa6869745f6368756e6b7305ab6d6973735f6368756e6b73"
+        "06aa6869745f746f6b656e7307ab6d6973735f746f6b656e7308ad73746f7265645f6368756e6b7309ad7374"
+        "6f7265645f746f6b656e730aac73746f7265645f62797465730bb07265747269657665645f6368756e6b730c"
+        "b07265747269657665645f746f6b656e730daf7265747269657665645f62797465730eae657669637465645f"
+        "6368756e6b730fae657870697265645f6c656173657310b4657870697265645f7265736572766174696f6e73"
+        "11a66572726f727381a84e4f5f535041434502"
+    ),
+    "ErrorReply": "94aa4572726f725265706c790b04a3626164",
+    "BatchReply": "93aa42617463685265706c790c9292a74f6b5265706c790d94aa4572726f725265706c790e0aa4676f6e65",
+}
+
+
+def test_every_message_encodes_to_its_pinned_frame_and_the_hand_built_array():
+    messages = samples()
+    assert {type(m) for m in messages} == set(p.SingleRequest.__args__) | {p.Batch} | set(p.Reply.__args__)
+    for message in messages:
+        tag = type(message).__name__
+        frame = p.encode(message)
+        assert frame.hex() == PINNED[tag], tag
+        # array_like and tagged: [tag, field, field, ...] in declaration order.
+        assert frame == msgspec.msgpack.encode([tag, *msgspec.structs.astuple(message)]), tag
+        decode = p.decode_reply if tag.endswith("Reply") else p.decode_request
+        assert decode(frame) == message
+
+
+def test_every_message_names_its_wire_tag_explicitly():
+    for cls in (*p.SingleRequest.__args__, p.Batch, *p.Reply.__args__):
+        assert issubclass(cls, p.Message) and cls.__struct_config__.array_like
+        assert p.wire_tag(cls) == cls.__name__  # today's tags: the names the classes had
+    # A subclass inherits an explicit tag (a rename keeps the wire); tag=True would not.
+    Renamed = type("RenamedLookup", (p.Lookup,), {})
+    message = Renamed(req_id=3, namespace=1, keys=bytes(16), lease_ms=5)
+    assert p.wire_tag(Renamed) == "Lookup"
+    assert p.encode(message) == p.encode(p.Lookup(req_id=3, namespace=1, keys=bytes(16), lease_ms=5))
+
+    class ByName(msgspec.Struct, tag=True, array_like=True):
+        req_id: int
+
+    assert msgspec.msgpack.encode(type("Other", (ByName,), {})(1)) != msgspec.msgpack.encode(ByName(1))

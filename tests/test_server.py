@@ -585,3 +585,29 @@ def test_a_chain_stored_two_chunks_per_call_keeps_its_head(tmp_path):
         assert stats.evicted_chunks == 0 and stats.leases_held == 0 and stats.reservations_open == 0
         writer.close()
         replay.close()
+
+
+@pytest.mark.parametrize("policy, hot_survives", [("lru", False), ("s3fifo", True)])
+def test_the_eviction_policy_flag_chooses_what_a_scan_pushes_out(tmp_path, policy, hot_survives):
+    """A prompt read twice, then a scan of prompts stored once that overflows the buffer: LRU
+    lets the scan push the prompt out; S3-FIFO keeps it (the scan goes first)."""
+    with ServerProcess(log_path=tmp_path / "server.log", extra=["--eviction-policy", policy]) as srv:
+        assert f"Eviction policy: {policy}" in srv.log()
+        client = KVDepotClient("127.0.0.1", srv.port, timeout_ms=5000, prefault=False)
+        assert client.connect()
+        try:
+            ns = client.register("m", small_geometry(layers=16))  # 512 KiB per chunk
+            capacity = client.stats().arena_bytes // ns.slot_bytes
+            hot = client.chunk_keys(ns, tokens(1, 256 * 4))
+            client.commit(client.reserve(ns, 0, hot).id)
+            for _ in range(2):
+                assert client.lookup(ns, hot).hit_chunks == 4
+            for i in range(2 * capacity // 4):
+                scan = client.chunk_keys(ns, tokens(1000 + i, 256 * 4))
+                res = client.reserve(ns, 0, scan)
+                assert res.status == [SlotStatus.RESERVED] * 4
+                client.commit(res.id)
+            assert client.stats().evicted_chunks >= capacity
+            assert (client.lookup(ns, hot).hit_chunks == 4) is hot_survives
+        finally:
+            client.close()

@@ -130,8 +130,5 @@ class SlabAllocator:
         slab.slot_bytes, slab.free_slots, slab.used, slab.span = 0, [], 0, 1
         self._free_slabs.add(index)
 
-    def slab_of(self, offset: int) -> int:
-        return offset // self.slab_bytes
-
     def free_slab_count(self) -> int:
         return len(self._free_slabs)

@@ -216,6 +216,16 @@ class SharedArena:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """The arena's bytes [offset, offset + nbytes), for a tier worker's copy; release it
+        when done. ValueError when the range is outside the arena or the arena is closed."""
+        if self._closed:
+            raise ValueError("the arena is closed")
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"bytes [{offset}, {offset + nbytes}) are outside the arena")
+        with memoryview(self._map) as whole:
+            return whole[offset : offset + nbytes]
+
     def touch_pages(self, executor: Executor | None = None) -> None:
         """Fault every page in (in the background when given an executor); sets ready."""
         if executor is None:

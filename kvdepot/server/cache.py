@@ -3,37 +3,43 @@
 Every public method takes the current time, validates everything before changing anything,
 and raises CacheError (with a protocol ErrorCode) for bad requests, so the RPC layer only
 translates. One owner (the RPC thread) calls it; see allocator.py for why that is the design.
+
+The core never acts outside itself: what needs I/O or another thread (a chunk to write to a
+lower tier, one to load from it, a file to delete) it returns as effects (effects.py), taken
+with ``take_effects``; what those report back comes in through ``complete``. The store path
+lives in store.py, where chunks' bytes are and what leaves the arena in placement.py, lower
+tiers' books in tiering.py.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from itertools import takewhile
 
 import numpy as np
 
 from kvdepot.keys import namespace_digest
-from kvdepot.protocol import KEY_BYTES, MAX_KEYS_PER_REQUEST, ErrorCode, KVGeometry, SlotStatus, split_keys
+from kvdepot.protocol import KEY_BYTES, MAX_KEYS_PER_REQUEST, ErrorCode, KVGeometry, split_keys
 from kvdepot.server.allocator import SlabAllocator
-from kvdepot.server.eviction import ChainEvictor, EvictionPolicy, LRUPolicy
+from kvdepot.server.effects import Completion, Effect
+from kvdepot.server.errors import CacheError
 from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo
 from kvdepot.server.leases import ExpiringTable, Lease, Reservation
+from kvdepot.server.locations import READABLE
+from kvdepot.server.placement import Placement
+from kvdepot.server.policies import EvictionPolicy, LRUPolicy
+from kvdepot.server.store import StorePath
+from kvdepot.server.tiers import TierSpec
 
 log = logging.getLogger("kvdepot.server")
 
 _KEY_DTYPE = np.dtype(f"V{KEY_BYTES}")  # raw 16-byte keys; tolist() gives bytes
 MAX_LEASES_PER_SESSION = 65536
-MAX_RESERVATIONS_PER_SESSION = 65536
 MAX_NAMESPACES = 4096
 
-
-class CacheError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["CacheCore", "CacheCounters", "CacheError", "CacheObserver"]
 
 
 class CacheObserver:
@@ -42,8 +48,6 @@ class CacheObserver:
     def on_store(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None: ...
 
     def on_retrieve(self, seconds: float, chunks: int, tokens: int, nbytes: int) -> None: ...
-
-    def on_evict(self, chunks: int) -> None: ...
 
 
 @dataclass
@@ -59,12 +63,12 @@ class CacheCounters:
     retrieved_chunks: int = 0
     retrieved_tokens: int = 0
     retrieved_bytes: int = 0
-    evicted_chunks: int = 0
+    evicted_chunks: int = 0  # chunks that left the arena
     expired_leases: int = 0
     expired_reservations: int = 0
 
 
-class CacheCore:
+class CacheCore(StorePath):
     def __init__(
         self,
         allocator: SlabAllocator,
@@ -75,7 +79,10 @@ class CacheCore:
         max_ttl_s: float = 600.0,
         policy_factory: Callable[[], EvictionPolicy] = LRUPolicy,
         observer: CacheObserver | None = None,
+        tiers: Sequence[TierSpec] = (),
     ):
+        """``tiers``: the books of the lower tiers, first to be written first; none: chunks
+        that leave the arena are gone."""
         self.allocator = allocator
         self.chunk_tokens = chunk_tokens
         self.lease_ttl_s = lease_ttl_s
@@ -84,9 +91,25 @@ class CacheCore:
         self.index = ChunkIndex()
         self.leases: ExpiringTable[Lease] = ExpiringTable()
         self.reservations: ExpiringTable[Reservation] = ExpiringTable()
-        self.eviction = ChainEvictor(self.index, allocator.size_class, policy_factory)
         self.counters = CacheCounters()
         self.observer = observer or CacheObserver()
+        self.places = Placement(self.index, allocator, self.counters, policy_factory, tiers)
+
+    # --- effects and completions ------------------------------------------------------------
+
+    def take_effects(self) -> list[Effect]:
+        """What the edges must do since the last call, in order (and forget it here)."""
+        effects = self.places.effects
+        if not effects:
+            return effects
+        self.places.effects = []
+        return effects
+
+    def complete(self, done: Completion) -> bool:
+        """A tier copy ended (from a worker, on the RPC thread); False when its job is not
+        known (applied already)."""
+        lower = self.places.lower
+        return lower is not None and lower.complete(done)
 
     # --- namespaces -------------------------------------------------------------------------
 
@@ -119,7 +142,6 @@ class CacheCore:
             model=model,
             geometry=geometry,
             world_size=world_size,
-            salt_set=bool(salt),
             slot_bytes=slot_bytes,
             chunk_tokens=self.chunk_tokens,
         )
@@ -140,12 +162,6 @@ class CacheCore:
         except ValueError as exc:
             raise CacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
-    def _entry_in(self, key: bytes, ns: NamespaceInfo) -> ChunkEntry | None:
-        entry = self.index.get(key)
-        if entry is not None and entry.namespace != ns.id:
-            return None  # a key of another namespace is invisible (and never collides by design)
-        return entry
-
     def _check_rank(self, ns: NamespaceInfo, rank: int) -> None:
         if not 0 <= rank < ns.world_size:
             raise CacheError(
@@ -157,57 +173,16 @@ class CacheCore:
             raise CacheError(ErrorCode.BAD_REQUEST, "a TTL cannot be negative")
         return min(requested_ms / 1000.0, self.max_ttl_s) if requested_ms else default_s
 
-    # --- eviction bookkeeping ---------------------------------------------------------------
-
-    def _remove(self, entry: ChunkEntry) -> None:
-        """Take an entry out of the index and the eviction order (its slots are the caller's)."""
-        self.eviction.forget(entry)
-        childless = self.index.remove(entry.key)
-        if childless is not None:
-            self.eviction.childless(childless)
-
-    def _evict(self, entry: ChunkEntry) -> None:
-        self._remove(entry)
-        for offset in entry.committed:
-            if offset is not None:
-                self.allocator.free(offset)
-        self.counters.evicted_chunks += 1
-        self.observer.on_evict(1)
-
-    def _evict_one(self, policy: EvictionPolicy) -> bool:
-        victim = self.eviction.victim(policy)
-        if victim is None:
-            return False
-        self._evict(victim)
-        return True
-
-    def _allocate(self, slot_bytes: int) -> int | None:
-        """A slot, evicting least recently used chain tails (same size first) if the arena is
-        full; None when nothing may be evicted."""
-        offset = self.allocator.allocate(slot_bytes)
-        if offset is not None:
-            return offset
-        own = self.eviction.policy(slot_bytes)
-        while offset is None and self._evict_one(own):
-            offset = self.allocator.allocate(slot_bytes)
-        # Other sizes free memory only when one of their slabs empties completely: take from
-        # the size class with the most evictable chunks until a slab (or span) comes free.
-        while offset is None:
-            others = [p for p in self.eviction.policies.values() if p is not own and len(p)]
-            if not others:
-                return None
-            if self._evict_one(max(others, key=len)):  # else it parked chunks: fewer left
-                offset = self.allocator.allocate(slot_bytes)
-        return offset
-
-    # --- operations -------------------------------------------------------------------------
+    # --- reads ------------------------------------------------------------------------------
 
     def lookup(
         self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float
     ) -> tuple[int, int, list[int]]:
         """(hit chunks, lease id or 0, offsets). With a lease and a hit, offsets holds every
-        rank's committed slot of every hit chunk, rank-major (``offsets[r * hits + i]``), so
-        the workers can load without an Acquire; otherwise it is empty."""
+        rank's readable arena slot of every hit chunk, rank-major (``offsets[r * hits + i]``),
+        so the workers can load without an Acquire; otherwise it is empty. With a lease and
+        lower tiers, the chunks after the hits that a lower tier holds start loading into
+        the arena (a later lookup hits them)."""
         # The hottest path (every scheduled request): no per-key allocations beyond the
         # 16-byte slice, no helper calls per key.
         ns = self._namespace(ns_id)
@@ -222,18 +197,21 @@ class CacheCore:
         if lease_ms and hits:
             entries = self.index.entries
             hit_entries = [entries[k] for k in hits]
-            # Every rank has committed every hit chunk (that is what a hit is), so no None here;
-            # the lease keeps these slots in place until the workers have read them.
-            offsets = [  # type: ignore[misc]
-                e.committed[rank] for rank in range(ns.world_size) for e in hit_entries
+            # Every rank has a readable place of every hit chunk (that is what a hit is); the
+            # lease keeps these slots in place until the workers have read them.
+            offsets = [
+                e.arena[rank].where.offset  # type: ignore[union-attr]
+                for rank in range(ns.world_size) for e in hit_entries
             ]
             lease_id = self._new_lease(
                 session, hit_entries, now, ttl, rank=None,
                 nbytes=len(hits) * ns.slot_bytes * ns.world_size,
             )
         else:
-            self.eviction.touch(ns.slot_bytes, hits)
-        n_keys = len(blob) // KEY_BYTES
+            self.places.eviction.touch(ns.slot_bytes, hits)
+        if lease_ms and self.places.lower is not None and len(hits) < len(keys):
+            self.places.lower.prefetch(ns, keys[len(hits):])
+        n_keys = len(keys)
         n_hit, n_miss = len(hits), n_keys - len(hits)
         c = self.counters
         c.lookups += 1
@@ -258,154 +236,12 @@ class CacheCore:
             rank=rank,
             nbytes=nbytes,
         )
+        refresh = self.places.eviction.refresh
         for entry in entries:
             entry.leases += 1
-            self.eviction.refresh(entry)
+            refresh(entry)
         self.leases.add(lease)
         return lease.id
-
-    def reserve(
-        self, session: bytes, ns_id: int, rank: int, blob: bytes, ttl_ms: int, now: float,
-        parent: bytes = b"",
-    ) -> tuple[int, list[int], list[int]]:
-        """Slots for ``rank``'s shard of consecutive chunks of one chain: (reservation id or 0,
-        SlotStatus per key, offset per key or -1). ``parent`` is the key of the chunk before
-        ``keys[0]`` (b"": a head); when it is not in the cache, nothing is stored (NO_PARENT),
-        since nothing could reach these chunks."""
-        ns = self._namespace(ns_id)
-        self._check_rank(ns, rank)
-        keys = self._keys(blob)
-        ttl = self._ttl(ttl_ms, self.reservation_ttl_s)
-        if self.reservations.count_of_session(session) >= MAX_RESERVATIONS_PER_SESSION:
-            raise CacheError(ErrorCode.TOO_LARGE, "too many open reservations for this engine")
-        if parent and len(parent) != KEY_BYTES:
-            raise CacheError(
-                ErrorCode.BAD_REQUEST, f"a parent is one {KEY_BYTES}-byte key (or empty for a head)"
-            )
-        entries = self.index.entries
-        if any(key in entries and entries[key].namespace != ns.id for key in (*keys, parent)):
-            # Checked before anything is allocated: a refused request changes nothing.
-            raise CacheError(ErrorCode.BAD_REQUEST, "a key belongs to another namespace")
-        before = entries.get(parent) if parent else None  # the entry each key links after
-        if parent and before is None:
-            return 0, [SlotStatus.NO_PARENT] * len(keys), [-1] * len(keys)
-        status: list[int] = []
-        offsets: list[int] = []
-        items: list[tuple[bytes, int]] = []
-        # The parent and earlier chunks of this request must survive our evictions.
-        pinned: list[ChunkEntry] = []
-        if before is not None:
-            before.pins += 1
-            pinned.append(before)
-            self.eviction.refresh(before)
-        full = False
-        for key in keys:
-            entry = entries.get(key)
-            if full:
-                status.append(SlotStatus.NO_SPACE)
-                offsets.append(-1)
-                continue
-            if entry is not None and entry.committed[rank] is not None:
-                status.append(SlotStatus.PRESENT)
-                offsets.append(-1)
-            elif entry is not None and entry.pending[rank] is not None:
-                status.append(SlotStatus.BUSY)
-                offsets.append(-1)
-            else:
-                if entry is not None:
-                    entry.pins += 1  # do not evict the chunk we are adding a rank to
-                    self.eviction.refresh(entry)
-                offset = self._allocate(ns.slot_bytes)
-                if entry is not None:
-                    entry.pins -= 1
-                if offset is None:
-                    full = True
-                    if entry is not None:
-                        self.eviction.refresh(entry)
-                    status.append(SlotStatus.NO_SPACE)
-                    offsets.append(-1)
-                    continue
-                if entry is None:
-                    entry = self.index.create(key, ns, parent=before)
-                entry.pending[rank] = offset
-                entry.pending_ranks += 1
-                items.append((key, offset))
-                status.append(SlotStatus.RESERVED)
-                offsets.append(offset)
-            if before is not None:
-                self.index.link(entry, before)  # a no-op unless it lacks a resident parent
-            before = entry
-            entry.pins += 1
-            pinned.append(entry)
-            self.eviction.refresh(entry)
-        for entry in pinned:
-            entry.pins -= 1
-        self.eviction.refresh_prefix(pinned)
-        if not items:
-            return 0, status, offsets
-        reservation = Reservation(
-            id=self.reservations.new_id(),
-            session=session,
-            namespace=ns.id,
-            rank=rank,
-            items=items,
-            expires_at=now + ttl,
-            started_at=now,
-        )
-        self.reservations.add(reservation)
-        return reservation.id, status, offsets
-
-    def _owned_reservation(self, session: bytes, reservation_id: int) -> Reservation:
-        reservation = self.reservations.items.get(reservation_id)
-        if reservation is None or reservation.session != session:
-            raise CacheError(
-                ErrorCode.UNKNOWN_RESERVATION,
-                f"reservation {reservation_id} is unknown, expired or not this engine's",
-            )
-        return reservation
-
-    def commit(self, session: bytes, reservation_id: int, now: float) -> int:
-        reservation = self._owned_reservation(session, reservation_id)
-        self.reservations.pop(reservation_id)
-        rank = reservation.rank
-        committed: list[ChunkEntry] = []
-        for key, offset in reservation.items:
-            entry = self.index.entries[key]
-            entry.pending[rank] = None
-            entry.pending_ranks -= 1
-            entry.committed[rank] = offset
-            entry.committed_ranks += 1
-            if entry.complete:
-                self.index.mark_complete(entry)
-            committed.append(entry)
-        self.eviction.refresh_prefix(committed)
-        n = len(committed)
-        ns = self.index.namespaces[reservation.namespace]
-        nbytes = n * ns.slot_bytes
-        c = self.counters
-        c.stored_chunks += n
-        c.stored_tokens += n * self.chunk_tokens
-        c.stored_bytes += nbytes
-        self.observer.on_store(now - reservation.started_at, n, n * self.chunk_tokens, nbytes)
-        return n
-
-    def abort(self, session: bytes, reservation_id: int) -> None:
-        self._drop_reservation(self._owned_reservation(session, reservation_id))
-
-    def _drop_reservation(self, reservation: Reservation) -> None:
-        self.reservations.pop(reservation.id)
-        rank = reservation.rank
-        for key, offset in reservation.items:
-            entry = self.index.entries[key]
-            entry.pending[rank] = None
-            entry.pending_ranks -= 1
-            self.allocator.free(offset)
-            if entry.committed_ranks == 0 and entry.pending_ranks == 0:
-                # Chunks stored after it by later requests stay, unreachable until it is
-                # stored again: the engine that aborted re-plans its stores from the start.
-                self._remove(entry)
-            else:
-                self.eviction.refresh(entry)
 
     def acquire(
         self, session: bytes, ns_id: int, rank: int, blob: bytes, lease_ms: int, now: float
@@ -417,12 +253,14 @@ class CacheCore:
         entries: list[ChunkEntry] = []
         offsets: list[int] = []
         for key in keys:
-            entry = self._entry_in(key, ns)
-            offset = None if entry is None else entry.committed[rank]
-            if offset is None:
+            entry = self.index.get(key)
+            if entry is None or entry.namespace != ns.id:
+                break  # a key of another namespace is invisible (and never collides by design)
+            place = entry.arena[rank]
+            if place is None or place.state not in READABLE:
                 break
-            entries.append(entry)  # type: ignore[arg-type]
-            offsets.append(offset)
+            entries.append(entry)
+            offsets.append(place.where.offset)  # type: ignore[union-attr]
         if not entries:
             return 0, []
         lease_id = self._new_lease(
@@ -458,7 +296,7 @@ class CacheCore:
         entries = [self.index.entries[k] for k in lease.keys]
         for entry in entries:
             entry.leases -= 1
-        self.eviction.refresh_prefix(entries)
+        self.places.eviction.refresh_prefix(entries)
         if retrieved:
             # One chunk per key; nbytes covers what the lease handed out: one rank's slots for
             # an Acquire lease, every rank's for a Lookup lease.
@@ -496,37 +334,15 @@ class CacheCore:
         return len(lease_ids), len(reservation_ids)
 
     def clear(self) -> int:
-        """Evict every chunk that nobody holds, and that no held chunk's chain needs
-        (operator's request); returns how many went."""
-        evicted = 0
-        for policy in list(self.eviction.policies.values()):
-            while self._evict_one(policy):
-                evicted += 1
-        return evicted
+        """Evict every chunk that nobody holds, and that no held chunk's chain needs, from
+        every tier (operator's request); returns how many left the arena."""
+        return self.places.clear()
 
     def check_invariants(self) -> None:
         """Expensive consistency check, for tests."""
-        used = 0
-        for entry in self.index.entries.values():
-            assert entry.committed_ranks == sum(o is not None for o in entry.committed)
-            assert entry.pending_ranks == sum(o is not None for o in entry.pending)
-            assert entry.committed_ranks + entry.pending_ranks > 0
-            assert entry.pins == 0
-            used += len(entry.offsets()) * self.allocator.size_class(entry.slot_bytes)
-            in_order = entry.key in self.eviction.policy(entry.slot_bytes)  # type: ignore[operator]
-            parked = entry.key in self.eviction.parked
-            assert in_order + parked == entry.evictable, entry  # one of them, iff evictable
-            assert not parked or entry.children > 0, entry  # a parked chunk waits for a child
-        self.index.check_links()
-        assert self.eviction.parked <= self.index.entries.keys()
-        assert used == self.allocator.used_bytes, (used, self.allocator.used_bytes)
-        for ns_id, keys in self.index.complete.items():
-            assert keys == {
-                k for k, e in self.index.entries.items() if e.namespace == ns_id and e.complete
-            }
-        assert sum(len(lease.keys) for lease in self.leases.items.values()) == sum(
-            e.leases for e in self.index.entries.values()
-        )
+        from kvdepot.server.invariants import check_core
+
+        check_core(self)
 
 
 def _validate_geometry(g: KVGeometry, chunk_tokens: int) -> None:

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from kvdepot.server.policies import DEFAULT_POLICY, POLICY_CLASSES
+
 GB = 1_000_000_000
 MIB = 1 << 20
 
@@ -28,6 +30,7 @@ class ServerConfig:
     http_port: int = 8555  # -1: no HTTP endpoint
     enable_admin_api: bool = False
     log_level: str = "INFO"
+    eviction_policy: str = DEFAULT_POLICY
 
     @property
     def buffer_bytes(self) -> int:
@@ -57,7 +60,8 @@ def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
     ap.add_argument("--cpu-buffer-size", type=float, default=d.cpu_buffer_size_gb,
                     help="shared-memory buffer in GB (default %(default)s)")
     ap.add_argument("--max-workers", type=int, default=d.max_workers,
-                    help="threads for blocking background work (default %(default)s)")
+                    help="threads for blocking background work: touching the buffer's pages, "
+                         "tier I/O (default %(default)s)")
     ap.add_argument("--shm-name", default=d.shm_name,
                     help="name of the segment in /dev/shm (default %(default)s)")
     ap.add_argument("--shm-mode", default="0600",
@@ -75,6 +79,10 @@ def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
                     help="port of /healthz /readyz /metrics /stats; -1 disables (default %(default)s)")
     ap.add_argument("--enable-admin-api", action="store_true",
                     help="allow POST /admin/clear on the HTTP endpoint")
+    ap.add_argument("--eviction-policy", default=d.eviction_policy, choices=sorted(POLICY_CLASSES),
+                    help="which evictable chunk goes first: lru (least recently used) or "
+                         "s3fifo (scan-resistant: chunks read once go before chunks read "
+                         "again) (default %(default)s)")
     ap.add_argument("--log-level", default=os.environ.get("KVDEPOT_LOG_LEVEL", d.log_level),
                     help="DEBUG, INFO, WARNING or ERROR (env KVDEPOT_LOG_LEVEL; default INFO)")
     return ap
@@ -114,4 +122,5 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
         http_port=a.http_port,
         enable_admin_api=a.enable_admin_api,
         log_level=a.log_level.upper(),
+        eviction_policy=a.eviction_policy,
     )

@@ -1,114 +1,71 @@
-"""Eviction: which chunk goes next.
+"""Eviction over chains: which chunk leaves a tier next.
 
-Policies are small interchangeable classes over the keys that *may* be evicted: the cache
-only ever inserts keys that are evictable (committed, not leased, not being written) and
-removes them the moment that stops being true, so ``victim()`` never skips such keys and stays
-O(1). ChainEvictor puts one policy per size class under the rule that makes what stays
-reachable: a chunk goes only after every chunk stored after it in its chain.
+A policy (policies/) orders the keys that may go. ChainEvictor puts one policy per size class
+of a tier under the rule that keeps what stays reachable: a chunk leaves a tier only after
+every chunk stored after it in its chain has left it (``blocked``), since a lookup walks a
+chain from its head. That also keeps every chunk before a leased or half-written one.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Hashable, Sequence
 
-from kvdepot.server.index import ChunkEntry, ChunkIndex
-
-
-class EvictionPolicy(Protocol):
-    def insert(self, key: Hashable) -> None:
-        """Add an evictable key as most recently used (or refresh it)."""
-
-    def insert_oldest(self, key: Hashable) -> None:
-        """Add an evictable key as the next to go."""
-
-    def remove(self, key: Hashable) -> None:
-        """Forget a key (no longer evictable); absent keys are ignored."""
-
-    def touch_all(
-        self, keys: Iterable[Hashable], on_missing: Callable[[Hashable], None] | None = None
-    ) -> None:
-        """Mark keys as just used, in order, where tracked (hot path). A key not tracked is
-        passed to ``on_missing`` at its turn (which may insert it), or ignored."""
-
-    def victim(self) -> Hashable | None:
-        """The key to evict next, without removing it; None when empty."""
-
-    def __len__(self) -> int: ...
+from kvdepot.server.index import ChunkEntry
+from kvdepot.server.policies import EvictionPolicy, LRUPolicy
 
 
-class LRUPolicy:
-    """Least recently used first. Callers touch a prefix's chunks from last to first, so the
-    tail of a prefix is older than its head and goes first."""
+class _Passed:
+    """What ChainEvictor hands a policy as ``protected``: keys whose chain still needs them
+    (noted, to be parked) and keys the caller keeps for now (``stays``)."""
 
-    def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
+    __slots__ = ("entries", "blocked", "stays", "met")
 
-    def insert(self, key: Hashable) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+    def __init__(self, entries, blocked) -> None:
+        self.entries = entries
+        self.blocked = blocked
+        self.stays: Callable[[ChunkEntry], bool] | None = None
+        self.met: dict[bytes, None] = {}
 
-    def insert_oldest(self, key: Hashable) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key, last=False)
-
-    def remove(self, key: Hashable) -> None:
-        self._order.pop(key, None)
-
-    def touch_all(
-        self, keys: Iterable[Hashable], on_missing: Callable[[Hashable], None] | None = None
-    ) -> None:
-        # The loop runs in C (deque drains map): a lookup touches up to hundreds of keys. A key
-        # not tracked (leased, being written, parked) stops the map after map has consumed it,
-        # so the next round goes on with the key after it.
-        rest = map(self._order.move_to_end, keys)
-        while True:
-            try:
-                deque(rest, maxlen=0)
-                return
-            except KeyError as missing:
-                if on_missing is not None:
-                    on_missing(missing.args[0])
-
-    def victim(self) -> Hashable | None:
-        return next(iter(self._order), None)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._order
-
-
-POLICIES = {"lru": LRUPolicy}
+    def __contains__(self, key: bytes) -> bool:
+        entry = self.entries[key]
+        if self.blocked(entry):
+            self.met[key] = None
+            return True
+        return self.stays is not None and self.stays(entry)
 
 
 class ChainEvictor:
-    """Eviction over every size class for chunks linked into chains (see index.py).
+    """Eviction over every size class of one tier, for chunks linked into chains (index.py).
 
-    A chunk is evicted only when no chunk after it in its chain is in the cache: evicting it
-    earlier would leave those resident but unreachable, since a lookup walks a chain from its
-    head. That also keeps every chunk before a leased or half-written one. Among the chunks
-    that may go, the policy's order decides. A chunk that reaches the front of the order while
-    a child stays is *parked* (taken out of the order); when its last child leaves, it comes
-    back at the front: its recency is its chain's, and that child was the oldest in the order.
-    A parked chunk that is used again goes back as most recent. A chunk is parked at most once
-    per use, so choosing a victim stays O(1) amortised, with no walk along a chain.
+    Among the chunks that may go, the policy's order decides. A chunk the policy offers while
+    a child stays in the tier is *parked* (held, out of the policy's choice); when its last
+    child leaves, it comes back as the next to go: its standing is its chain's, and that child
+    was the one going. A parked chunk that is used again comes back by the policy's rule. A
+    chunk is parked at most once per use, so choosing a victim stays O(1) amortised, with no
+    walk along a chain.
+
+    ``evictable(entry)``: nothing holds the entry's places in this tier. ``blocked(entry)``:
+    a chunk after it in its chain keeps it in this tier.
     """
 
     def __init__(
         self,
-        index: ChunkIndex,
+        entries: dict[bytes, ChunkEntry],
         size_class: Callable[[int], int],
         policy_factory: Callable[[], EvictionPolicy] = LRUPolicy,
+        *,
+        evictable: Callable[[ChunkEntry], bool],
+        blocked: Callable[[ChunkEntry], bool],
     ):
-        self._entries = index.entries
+        self._entries = entries
         self._size_class = size_class
         self._factory = policy_factory
+        self._evictable = evictable
+        self._blocked = blocked
         self.policies: dict[int, EvictionPolicy] = {}  # size class -> order of evictable keys
         self._of_slot: dict[int, EvictionPolicy] = {}  # slot bytes -> its class's policy
-        self.parked: set[bytes] = set()  # evictable, but a child stays: out of the order
+        self.parked: set[bytes] = set()  # evictable, but a child stays: held
+        self._passed = _Passed(entries, blocked)  # one per evictor: victims are chosen often
 
     def policy(self, slot_bytes: int) -> EvictionPolicy:
         policy = self._of_slot.get(slot_bytes)  # every lookup asks: no size math
@@ -121,48 +78,57 @@ class ChainEvictor:
         return policy
 
     def refresh(self, entry: ChunkEntry) -> None:
-        """Put the entry in (as most recent) or out of the order, by its state."""
-        self.parked.discard(entry.key)
-        policy = self.policy(entry.slot_bytes)
-        if entry.evictable:
-            policy.insert(entry.key)
-        else:
-            policy.remove(entry.key)
+        """The entry's state changed: tell the policy whether it may go now. An entry's first
+        evictable moment in the tier is its insertion; a parked entry is in use again."""
+        key = entry.key
+        self.parked.discard(key)
+        policy = self._of_slot.get(entry.slot_bytes)
+        if policy is None:
+            policy = self.policy(entry.slot_bytes)
+        if not self._evictable(entry):
+            policy.hold(key)
+        elif not policy.release(key):
+            policy.insert(key)
 
     def refresh_prefix(self, entries: Sequence[ChunkEntry]) -> None:
-        # Last chunk first: the head of a prefix ends up most recent, the tail goes first.
+        # Last chunk first: the head of a prefix comes last (for LRU: most recent).
         for entry in reversed(entries):
             self.refresh(entry)
 
     def touch(self, slot_bytes: int, keys: list[bytes]) -> None:
-        """Hit chunks of one prefix (in prefix order) were just used; head most recent."""
+        """Hit chunks of one prefix (in prefix order) were just used."""
         policy = self.policy(slot_bytes)
         parked = self.parked
 
-        def used_again(key: Hashable) -> None:  # parked: back as most recent, at its turn
+        def used_again(key: Hashable) -> None:  # parked: back by the policy's rule, at its turn
             if key in parked:
                 parked.remove(key)  # type: ignore[arg-type]
-                policy.insert(key)
+                policy.release(key)
 
-        policy.touch_all(reversed(keys), used_again if parked else None)
+        policy.touch(reversed(keys), used_again if parked else None)
 
-    def victim(self, policy: EvictionPolicy) -> ChunkEntry | None:
-        """The entry to evict next from this size class (still in place), or None."""
-        while (key := policy.victim()) is not None:
-            entry = self._entries[key]  # type: ignore[index]
-            if not entry.children:
-                return entry
-            policy.remove(key)
-            self.parked.add(entry.key)
-        return None
+    def victim(
+        self, policy: EvictionPolicy, stays: Callable[[ChunkEntry], bool] | None = None
+    ) -> ChunkEntry | None:
+        """The entry to go next from this size class, no longer in the policy (its places
+        are the caller's to take), or None. ``stays(entry)``: the caller keeps it for now."""
+        passed = self._passed
+        passed.stays = stays
+        chosen = policy.evict(1, passed)
+        if passed.met:
+            for key in passed.met:
+                policy.hold(key)
+                self.parked.add(key)
+            passed.met.clear()
+        return self._entries[chosen[0]] if chosen else None  # type: ignore[index]
 
     def forget(self, entry: ChunkEntry) -> None:
-        """The entry is leaving the index."""
+        """The entry left the tier."""
         self.parked.discard(entry.key)
         self.policy(entry.slot_bytes).remove(entry.key)
 
     def childless(self, entry: ChunkEntry) -> None:
-        """The entry's last child left the index."""
+        """The entry's last child left the tier."""
         if entry.key in self.parked:
             self.parked.remove(entry.key)
-            self.policy(entry.slot_bytes).insert_oldest(entry.key)
+            self.policy(entry.slot_bytes).release(entry.key, first=True)

@@ -1,12 +1,15 @@
-"""The chunk index: what is stored, for which rank, and in which state.
+"""The chunk index: what is stored, for which rank, where, and in which state.
 
 One entry per chunk key. A chunk of a model served with tensor parallelism ``world_size`` has
-one slot per rank; each rank's slot is first *pending* (reserved, being written, unreadable)
-and then *committed*. A chunk is a hit only when every rank has committed its slot.
+one place per rank in each tier that holds it (see locations.py): in the arena, a rank's place
+is first WRITING (reserved, being written, unreadable) and then READY; a copy between tiers
+makes its source COPYING_OUT and its target LOADING_IN. A chunk is a hit only when every rank
+has a readable arena place.
 
 Entries are linked into chains: an entry knows the entry of the chunk before it (its parent,
-as the storing engine named it) and counts the entries after it (its children), so eviction
-can take a chain from its tail and never leave a chunk that no lookup could reach.
+as the storing engine named it) and counts the entries after it (its children, and those of
+them with an arena place), so eviction can take a chain from its tail and never leave a chunk
+that no lookup could reach.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvdepot.protocol import KVGeometry
+from kvdepot.server.locations import Location, State
+
+READY, WRITING, COPYING_OUT = State.READY, State.WRITING, State.COPYING_OUT
 
 
 @dataclass(frozen=True, slots=True)
 class NamespaceInfo:
+    # The handle engines name this namespace by, for this server's life only; anything that
+    # outlives a boot (a tier's files, another node) names it by ``digest``.
     id: int
     digest: bytes
     model: str
     geometry: KVGeometry
     world_size: int
-    salt_set: bool
     slot_bytes: int
     chunk_tokens: int
 
@@ -34,32 +41,50 @@ class ChunkEntry:
     namespace: int
     world_size: int
     slot_bytes: int
-    committed: list[int | None]  # per rank: arena offset once committed
-    pending: list[int | None]  # per rank: arena offset while reserved
-    committed_ranks: int = 0
-    pending_ranks: int = 0
+    arena: list[Location | None]  # per rank: its arena place, or None
+    # Per lower tier holding any rank of it: per rank, its place there (None: no lower tier).
+    lower: dict[str, list[Location | None]] | None = None
+    # Counts of arena places by state, kept by ChunkIndex.place_arena.
+    committed_ranks: int = 0  # readable: READY or COPYING_OUT
+    pending_ranks: int = 0  # WRITING
+    loading_ranks: int = 0  # LOADING_IN
+    copying_ranks: int = 0  # COPYING_OUT
     leases: int = 0  # live leases covering this chunk
     pins: int = 0  # transient protection inside one request
     # The chunk before this one in its chain, or None (a chain's head, or not known); only
     # trusted while it is itself in the index (see ChunkIndex.resident_parent).
     parent: ChunkEntry | None = field(default=None, repr=False, compare=False)
     children: int = 0  # entries in the index whose resident parent this is
+    arena_children: int = 0  # those of them with an arena place
 
     @property
     def complete(self) -> bool:
         return self.committed_ranks == self.world_size
 
     @property
+    def in_arena(self) -> bool:
+        return self.committed_ranks + self.pending_ranks + self.loading_ranks > 0
+
+    @property
     def evictable(self) -> bool:
+        """May its arena places go now (nobody reads, writes or copies them)?"""
         return (
             self.committed_ranks > 0
             and self.pending_ranks == 0
+            and self.loading_ranks == 0
+            and self.copying_ranks == 0
             and self.leases == 0
             and self.pins == 0
         )
 
     def offsets(self) -> list[int]:
-        return [o for o in (*self.committed, *self.pending) if o is not None]
+        """Arena byte offsets of its places, whatever their state."""
+        return [loc.where.offset for loc in self.arena if loc is not None]  # type: ignore[union-attr]
+
+    def places_in(self, tier: str) -> list[Location | None]:
+        """Per rank, its place in a lower tier (all None when the tier holds none)."""
+        places = self.lower.get(tier) if self.lower else None
+        return places if places is not None else [None] * self.world_size
 
 
 class ChunkIndex:
@@ -67,8 +92,8 @@ class ChunkIndex:
 
     def __init__(self) -> None:
         self.entries: dict[bytes, ChunkEntry] = {}
-        # Per namespace, the keys every rank has committed: the lookup path is then one set
-        # probe per key, with no entry attributes to read.
+        # Per namespace, the keys every rank has a readable arena place of: the lookup path
+        # is then one set probe per key, with no entry attributes to read.
         self.complete: dict[int, set[bytes]] = {}
         self.namespaces: dict[int, NamespaceInfo] = {}
         self._namespace_by_digest: dict[bytes, int] = {}
@@ -86,20 +111,81 @@ class ChunkIndex:
         return self.entries.get(key)
 
     def create(self, key: bytes, ns: NamespaceInfo, parent: ChunkEntry | None = None) -> ChunkEntry:
-        """A new entry, linked after ``parent`` (an entry in the index, of the same namespace)."""
+        """A new entry with no place yet, linked after ``parent`` (an entry in the index, of
+        the same namespace)."""
         entry = ChunkEntry(
             key=key,
             namespace=ns.id,
             world_size=ns.world_size,
             slot_bytes=ns.slot_bytes,
-            committed=[None] * ns.world_size,
-            pending=[None] * ns.world_size,
+            arena=[None] * ns.world_size,
         )
         self.entries[key] = entry
         if parent is not None:
             entry.parent = parent
             parent.children += 1
         return entry
+
+    def place_arena(self, entry: ChunkEntry, rank: int, place: Location | None) -> ChunkEntry | None:
+        """Set (or clear, with None) ``rank``'s arena place, keeping the counts and the
+        complete set. Returns the resident parent when this took away its last child with an
+        arena place (it may leave the arena now)."""
+        # Every store and eviction passes here, per rank: the counts inline, no helpers.
+        was_in_arena = entry.committed_ranks + entry.pending_ranks + entry.loading_ranks > 0
+        old = entry.arena[rank]
+        entry.arena[rank] = place
+        was_readable = False
+        if old is not None:
+            state = old.state
+            if state is READY:
+                entry.committed_ranks -= 1
+                was_readable = True
+            elif state is WRITING:
+                entry.pending_ranks -= 1
+            elif state is COPYING_OUT:
+                entry.committed_ranks -= 1
+                entry.copying_ranks -= 1
+                was_readable = True
+            else:
+                entry.loading_ranks -= 1
+        if place is not None:
+            state = place.state
+            if state is READY:
+                entry.committed_ranks += 1
+            elif state is WRITING:
+                entry.pending_ranks += 1
+            elif state is COPYING_OUT:
+                entry.committed_ranks += 1
+                entry.copying_ranks += 1
+            else:
+                entry.loading_ranks += 1
+        if entry.committed_ranks == entry.world_size:
+            self.complete[entry.namespace].add(entry.key)
+        elif was_readable:
+            self.complete[entry.namespace].discard(entry.key)
+        if was_in_arena == (entry.committed_ranks + entry.pending_ranks + entry.loading_ranks > 0):
+            return None
+        parent = self.resident_parent(entry)
+        if parent is None:
+            return None
+        if not was_in_arena:
+            parent.arena_children += 1
+            return None
+        parent.arena_children -= 1
+        return None if parent.arena_children else parent
+
+    def place_lower(self, entry: ChunkEntry, tier: str, rank: int, place: Location | None) -> None:
+        """Set (or clear, with None) ``rank``'s place in the lower tier ``tier``."""
+        if entry.lower is None:
+            entry.lower = {}
+        places = entry.lower.get(tier)
+        if places is None:
+            places = entry.lower[tier] = [None] * entry.world_size
+        places[rank] = place
+        if place is None and not any(places):
+            del entry.lower[tier]
+            if not entry.lower:
+                entry.lower = None
 
     def resident_parent(self, entry: ChunkEntry) -> ChunkEntry | None:
         """The entry before ``entry`` in its chain while that is in the index, else None."""
@@ -123,12 +209,16 @@ class ChunkIndex:
             node = self.resident_parent(node)
         entry.parent = parent
         parent.children += 1
+        if entry.in_arena:
+            parent.arena_children += 1
 
     def remove(self, key: bytes) -> ChunkEntry | None:
-        """Forget a chunk. Returns its parent when that has no child left (it may go now)."""
+        """Forget a chunk that has no place left. Returns its parent when that has no child
+        left (it may go now)."""
         entry = self.entries.pop(key, None)
         if entry is None:
             return None
+        assert not entry.in_arena and not entry.lower, entry
         self.complete[entry.namespace].discard(key)
         parent = self.resident_parent(entry)
         if parent is None:
@@ -139,11 +229,14 @@ class ChunkIndex:
     def check_links(self) -> None:
         """Expensive consistency check of the chains, for tests: counts match, no loops."""
         children: dict[bytes, int] = {}
+        arena_children: dict[bytes, int] = {}
         for entry in self.entries.values():
             parent = self.resident_parent(entry)
             if parent is not None:
                 assert parent.namespace == entry.namespace, entry
                 children[parent.key] = children.get(parent.key, 0) + 1
+                if entry.in_arena:
+                    arena_children[parent.key] = arena_children.get(parent.key, 0) + 1
             depth = 0
             while parent is not None:
                 depth += 1
@@ -151,9 +244,8 @@ class ChunkIndex:
                 parent = self.resident_parent(parent)
         for key, entry in self.entries.items():
             assert entry.children == children.get(key, 0), entry
-
-    def mark_complete(self, entry: ChunkEntry) -> None:
-        self.complete[entry.namespace].add(entry.key)
+            assert entry.arena_children == arena_children.get(key, 0), entry
 
     def __len__(self) -> int:
         return len(self.entries)
+

@@ -14,6 +14,7 @@ from kvdepot.server.cache import CacheCore, CacheObserver
 from kvdepot.server.config import ServerConfig, parse_args
 from kvdepot.server.http import HttpEndpoint
 from kvdepot.server.metrics import ServerMetrics
+from kvdepot.server.policies import policy_factory
 from kvdepot.server.rpc import CacheServer
 
 log = logging.getLogger("kvdepot.server")
@@ -35,10 +36,6 @@ class LoggingObserver(CacheObserver):
         if self.metrics is not None:
             self.metrics.observe_retrieve(seconds, chunks, tokens, nbytes)
 
-    def on_evict(self, chunks: int) -> None:
-        if self.metrics is not None:
-            self.metrics.count_evictions(chunks)
-
 
 def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:
     group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
@@ -51,6 +48,7 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             config.chunk_size,
             lease_ttl_s=config.lease_ttl_s,
             reservation_ttl_s=config.reservation_ttl_s,
+            policy_factory=policy_factory(config.eviction_policy),
             observer=LoggingObserver(metrics),
         )
         server = CacheServer(
@@ -61,11 +59,13 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             heartbeat_s=config.heartbeat_s,
             session_timeout_s=config.session_timeout_s,
             metrics=metrics,
+            executor=workers,
         )
     except BaseException:
         workers.shutdown(wait=False)
         arena.close()
         raise
+    log.info("Eviction policy: %s", config.eviction_policy)
     arena.touch_pages(workers)
     return server, arena, workers
 
@@ -96,8 +96,10 @@ def run(config: ServerConfig) -> int:
     finally:
         if http is not None:
             http.stop()
-        arena.close()
+        # Queued tier work is dropped; a copy under way keeps the arena's pages mapped until
+        # it ends (close never waits for it).
         workers.shutdown(wait=False, cancel_futures=True)
+        arena.close()
         log.info("kvdepot stopped; removed %s", arena.path)
     return 0
 

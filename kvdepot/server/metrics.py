@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from kvdepot.protocol import ErrorCode, ServerStats, SingleRequest
+from kvdepot.protocol import Batch, ErrorCode, ServerStats, SingleRequest, wire_tag
 
 # Server-side lookups are an index walk: tens of microseconds, a millisecond when the RPC
 # thread is busy. The buckets span that range and a long tail for a stalled server.
@@ -54,7 +54,7 @@ REQUEST_BUCKETS = (
 
 # Label values created up front, so that every series exists (at 0) from the first scrape:
 # rate() and dashboards then work before the first error or request of a kind.
-KNOWN_REQUEST_TYPES = tuple(t.__name__ for t in SingleRequest.__args__) + ("Batch",)
+KNOWN_REQUEST_TYPES = tuple(wire_tag(t) for t in SingleRequest.__args__) + (wire_tag(Batch),)
 KNOWN_ERROR_CODES = tuple(code.name for code in ErrorCode)
 
 

@@ -11,9 +11,8 @@ import logging
 import queue
 import time
 import traceback
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import msgspec
 import zmq
@@ -24,6 +23,10 @@ from kvdepot import protocol as p
 from kvdepot.server.cache import CacheCore, CacheError
 from kvdepot.server.arena import SharedArena
 from kvdepot.server.metrics import ServerMetrics
+from kvdepot.server.sessions import Complaints, Session
+from kvdepot.server.stats import collect_stats
+from kvdepot.server.tiers import Tier
+from kvdepot.server.workers import Completions, TierWorkers, count_evictions
 
 log = logging.getLogger("kvdepot.server")
 
@@ -32,34 +35,6 @@ _MAINTENANCE_S = 0.1
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
-_COMPLAINT_WINDOW_S = 60.0
-
-
-@dataclass(slots=True)
-class Session:
-    identity: bytes
-    engine_id: str
-    pid: int
-    fd: int
-    last_seen: float
-
-
-class _Complaints:
-    """One log line per offending client per minute, with the count of what it held back."""
-
-    def __init__(self) -> None:
-        self._windows: dict[bytes, tuple[float, int]] = {}
-
-    def report(self, identity: bytes, now: float, what: str) -> None:
-        started, suppressed = self._windows.get(identity, (0.0, 0))
-        if now - started >= _COMPLAINT_WINDOW_S:
-            more = f" ({suppressed} more since the last report)" if suppressed else ""
-            log.warning("Bad request from client %s: %s%s", identity.hex(), what, more)
-            self._windows[identity] = (now, 0)
-            if len(self._windows) > 10000:  # bounded even under a flood of new identities
-                self._windows.clear()
-        else:
-            self._windows[identity] = (started, suppressed + 1)
 
 
 class CacheServer:
@@ -74,7 +49,15 @@ class CacheServer:
         session_timeout_s: float = 10.0,
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        executor: Executor | None = None,
+        tiers: Mapping[str, Tier] | None = None,
     ):
+        """``executor`` runs tier I/O (the --max-workers pool; a one-thread pool of its own
+        when None); ``tiers``: the lower tiers by name, whose books the core keeps."""
+        lower = core.places.lower
+        missing = set(lower.books if lower else ()) - set(tiers or ())
+        if missing:
+            raise ValueError(f"the core keeps books of tiers {sorted(missing)} that nobody runs")
         self.core = core
         self.arena = arena
         self.boot_id = arena.boot_id  # written into the segment: engines check their mapping
@@ -84,7 +67,7 @@ class CacheServer:
         self.clock = clock
         self.started_at = clock()
         self.sessions: dict[bytes, Session] = {}
-        self._complaints = _Complaints()
+        self._complaints = Complaints()
         self._errors: dict[str, int] = {}
         self._stopping = False
         self._admin: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
@@ -107,6 +90,17 @@ class CacheServer:
         self.port = port
         self.endpoint = f"tcp://{host}:{port}"
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        wake_address = f"inproc://kvdepot-rpc-{id(self):x}"
+        self._socket.bind(wake_address)
+        self.completions = Completions(self._ctx, wake_address)
+        self._own_executor = executor is None
+        self.workers = TierWorkers(
+            executor or ThreadPoolExecutor(1, thread_name_prefix="kvdepot-worker"),
+            self.completions,
+            tiers or {},
+            arena.view,
+            count_evictions(metrics) if metrics is not None else None,
+        )
         self._handlers: dict[type, Callable] = {
             p.Hello: self._hello,
             p.Register: self._register,
@@ -127,7 +121,8 @@ class CacheServer:
         sock = self._socket
         next_maintenance = self.clock() + _MAINTENANCE_S
         # A blocking receive with a timeout, like a bare echo server: polling first cost a
-        # large share of each request. Disconnect events wait for the maintenance tick.
+        # large share of each request. Completions of tier work arrive on this socket too
+        # (Completions), so they wake the loop at once; disconnect events wait for the tick.
         sock.setsockopt(zmq.RCVTIMEO, int(_MAINTENANCE_S * 1000))
         try:
             while not self._stopping:
@@ -150,15 +145,33 @@ class CacheServer:
         finally:
             self._close_sockets()
 
+    def _on_wake(self) -> None:
+        """Apply what tier workers finished, and run admin jobs, now."""
+        for done in self.completions.take():
+            try:
+                self.core.complete(done)
+            except Exception:  # noqa: BLE001 - a bug must cost one completion, never the server
+                log.exception("Unexpected error while applying %r", done)
+        self._run_admin_jobs()
+        self._start_effects()
+
+    def _start_effects(self) -> None:
+        effects = self.core.take_effects()
+        if effects:
+            self.workers.start(effects)
+
     def stop(self) -> None:
         """Ask the loop to exit (safe from signal handlers and other threads)."""
         self._stopping = True
 
     def _close_sockets(self) -> None:
+        if self._own_executor:
+            self.workers.executor.shutdown(wait=False, cancel_futures=True)
         try:
             self._socket.disable_monitor()
         except zmq.ZMQError:
             pass
+        self.completions.close()
         self._monitor.close(linger=0)
         self._socket.close(linger=0)
         self._ctx.term()
@@ -181,13 +194,17 @@ class CacheServer:
         deadline = now - self.session_timeout_s
         for session in [s for s in self.sessions.values() if s.last_seen < deadline]:
             self._end_session(session, f"sent nothing for {self.session_timeout_s:.0f} s")
+        self._run_admin_jobs()
+        self._start_effects()
+        self._publish_snapshot(now)
+
+    def _run_admin_jobs(self) -> None:
         while not self._admin.empty():
             job, future = self._admin.get_nowait()
             try:
                 future.set_result(job())
             except Exception as exc:  # noqa: BLE001 - handed back to the asking thread
                 future.set_exception(exc)
-        self._publish_snapshot(now)
 
     def _end_session(self, session: Session, why: str) -> None:
         self.sessions.pop(session.identity, None)
@@ -208,6 +225,9 @@ class CacheServer:
         while sock.getsockopt(_RCVMORE):
             sock.recv(_NOBLOCK)
             extra += 1
+        if identity == Completions.identity:  # not a request: tier work ended, or admin work
+            self._on_wake()
+            return
         if frame is None or extra:
             self._reply_error(identity, 0, p.ErrorCode.BAD_FRAME, "expected exactly one frame", now)
             return
@@ -241,9 +261,10 @@ class CacheServer:
                 reply = self._batch(identity, request, now)
             else:
                 reply = self._dispatch(identity, request, now)
-        self._send(identity, reply)
+        self._send(identity, reply)  # first: what the request started never delays its reply
+        self._start_effects()
         if self.metrics is not None:
-            self.metrics.observe_request(kind.__name__, self.clock() - now)
+            self.metrics.observe_request(p.wire_tag(kind), self.clock() - now)
 
     def _batch(self, identity: bytes, batch: p.Batch, now: float) -> p.Reply:
         if len(batch.ops) > p.MAX_BATCH_OPS:
@@ -388,36 +409,9 @@ class CacheServer:
 
     def stats(self, now: float | None = None) -> p.ServerStats:
         now = self.clock() if now is None else now
-        core, alloc, c = self.core, self.core.allocator, self.core.counters
-        return p.ServerStats(
-            version=__version__,
-            boot_id=self.boot_id,
-            uptime_s=now - self.started_at,
-            ready=self.arena.ready,
-            arena_bytes=alloc.capacity,
-            used_bytes=alloc.used_bytes,
-            free_bytes=alloc.free_bytes,
-            chunk_tokens=core.chunk_tokens,
-            chunks=len(core.index),
-            namespaces=len(core.index.namespaces),
-            engines_connected=len(self.sessions),
-            leases_held=len(core.leases),
-            reservations_open=len(core.reservations),
-            lookups=c.lookups,
-            hit_chunks=c.hit_chunks,
-            miss_chunks=c.miss_chunks,
-            hit_tokens=c.hit_tokens,
-            miss_tokens=c.miss_tokens,
-            stored_chunks=c.stored_chunks,
-            stored_tokens=c.stored_tokens,
-            stored_bytes=c.stored_bytes,
-            retrieved_chunks=c.retrieved_chunks,
-            retrieved_tokens=c.retrieved_tokens,
-            retrieved_bytes=c.retrieved_bytes,
-            evicted_chunks=c.evicted_chunks,
-            expired_leases=c.expired_leases,
-            expired_reservations=c.expired_reservations,
-            errors=dict(self._errors),
+        return collect_stats(
+            self.core, boot_id=self.boot_id, uptime_s=now - self.started_at,
+            ready=self.arena.ready, engines_connected=len(self.sessions), errors=self._errors,
         )
 
     def _publish_snapshot(self, now: float) -> None:
@@ -433,6 +427,7 @@ class CacheServer:
         """Run job on the RPC thread (the only one allowed to change state); any thread."""
         future: Future = Future()
         self._admin.put((job, future))
+        self.completions.post()  # wakes the loop: the job runs now, not at the next tick
         return future.result(timeout)
 
     def clear_cache(self) -> int:

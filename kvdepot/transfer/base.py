@@ -1,10 +1,11 @@
-"""What every transfer engine (CPU, GPU DMA, GPU Triton) offers the connector."""
+"""What the transfer engines (CPU, GPU DMA, GPU Triton) share: a chunk copy, the handle of a
+copy done at once, the checks of their arguments."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -18,24 +19,6 @@ class ChunkCopy:
 
     slot_offset: int  # byte offset of the slot in the arena
     block_ids: Sequence[int]  # blocks_per_chunk engine block ids, in token order
-
-
-class TransferHandle(Protocol):
-    def done(self) -> bool:
-        """True once every byte has landed (never blocks)."""
-
-    def wait(self) -> None:
-        """Block the calling host thread until done."""
-
-
-class TransferEngine(Protocol):
-    name: str
-
-    def store(self, chunks: Sequence[ChunkCopy]) -> TransferHandle:
-        """Copy the chunks' blocks from the engine's paged cache into their slots."""
-
-    def load(self, chunks: Sequence[ChunkCopy]) -> TransferHandle:
-        """Copy the chunks' slots into the engine's blocks."""
 
 
 class Completed:

@@ -58,12 +58,6 @@ class PagedLayout:
     def slot_bytes(self, chunk_tokens: int) -> int:
         return self.geometry.slot_bytes(chunk_tokens)
 
-    def piece_offset(self, plane: int, block_in_chunk: int, blocks_per_chunk: int) -> int:
-        """Byte offset inside a slot of ``plane``'s piece of the chunk's ``block_in_chunk``."""
-        if self.block_major:
-            return (block_in_chunk * self.num_planes + plane) * self.piece_bytes
-        return (plane * blocks_per_chunk + block_in_chunk) * self.piece_bytes
-
 
 def _byte_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A flat uint8 tensor over t's whole storage, and t's start offset in it (bytes)."""

@@ -1,0 +1,37 @@
+"""Engine sessions as the RPC loop knows them, and its rate-limited complaints about them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger("kvdepot.server")
+
+_COMPLAINT_WINDOW_S = 60.0
+
+
+@dataclass(slots=True)
+class Session:
+    identity: bytes
+    engine_id: str
+    pid: int
+    fd: int
+    last_seen: float
+
+
+class Complaints:
+    """One log line per offending client per minute, with the count of what it held back."""
+
+    def __init__(self) -> None:
+        self._windows: dict[bytes, tuple[float, int]] = {}
+
+    def report(self, identity: bytes, now: float, what: str) -> None:
+        started, suppressed = self._windows.get(identity, (0.0, 0))
+        if now - started >= _COMPLAINT_WINDOW_S:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            log.warning("Bad request from client %s: %s%s", identity.hex(), what, more)
+            self._windows[identity] = (now, 0)
+            if len(self._windows) > 10000:  # bounded even under a flood of new identities
+                self._windows.clear()
+        else:
+            self._windows[identity] = (started, suppressed + 1)

@@ -1,0 +1,164 @@
+"""The edge that carries out the core's effects: tier I/O on the ``--max-workers`` threads.
+
+The RPC thread hands over what ``CacheCore.take_effects`` returned (``TierWorkers.start``).
+Copies and deletes run on the worker pool (the one that touches the arena's pages at start);
+each copy's completion is posted to ``Completions``, which wakes the RPC loop at once through
+an in-process connection to its ROUTER socket; the RPC thread then applies it to the core.
+Workers never touch the core.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+
+import zmq
+
+from kvdepot.server.effects import (
+    Completion, Delete, Demote, DemotionDone, Effect, Evicted, Prefetch, PrefetchDone,
+)
+from kvdepot.server.locations import ARENA
+from kvdepot.server.tiers import Tier
+
+log = logging.getLogger("kvdepot.server")
+
+
+class Completions:
+    """Completions from any thread to the RPC thread.
+
+    ``post`` queues one and sends an empty frame, under the fixed routing id ``identity``, from
+    an inproc DEALER connected to the RPC loop's own ROUTER socket (bound at ``address``): the
+    loop, blocked in its receive, wakes at once and takes what was posted (``take``). Waking
+    through the ROUTER keeps the request path as it was (a blocking receive, no poll of two
+    sockets, which cost every round trip ~10 us here). No TCP peer can take that routing id:
+    the ROUTER refuses a second peer with an id in use, and this one connects first.
+    """
+
+    identity = b"\0kvdepot-completions"  # longer than ZMQ's generated ids (5 bytes)
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self._items: queue.SimpleQueue[Completion] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # one socket, shared by the workers
+        self._closed = False
+        self._wake = ctx.socket(zmq.DEALER)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.setsockopt(zmq.ROUTING_ID, self.identity)
+        self._wake.connect(address)
+
+    def post(self, completion: Completion | None = None) -> None:
+        """Hand a completion over (None: only wake the loop); any thread."""
+        if completion is not None:
+            self._items.put(completion)
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._wake.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # wake-ups are queued already: the loop will take this one too
+
+    def take(self) -> list[Completion]:
+        """Everything posted so far; RPC thread."""
+        items = []
+        while True:
+            try:
+                items.append(self._items.get_nowait())
+            except queue.Empty:
+                return items
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.close(linger=0)
+
+
+class TierWorkers:
+    """Runs effects: copies and deletes on ``executor``, against ``tiers`` by name, with the
+    arena's bytes from ``arena_view(offset, nbytes)``; evictions go to ``on_evicted``."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        completions: Completions,
+        tiers: Mapping[str, Tier],
+        arena_view: Callable[[int, int], memoryview],
+        on_evicted: Callable[[str, int], None] | None = None,
+    ):
+        self.executor = executor
+        self.completions = completions
+        self.tiers = dict(tiers)
+        self.arena_view = arena_view
+        self.on_evicted = on_evicted
+
+    def start(self, effects: list[Effect]) -> None:
+        """Carry out the core's effects, in order; RPC thread (never blocks on I/O)."""
+        evicted: dict[str, int] = {}
+        for effect in effects:
+            kind = type(effect)
+            if kind is Evicted:
+                evicted[effect.tier] = evicted.get(effect.tier, 0) + 1  # type: ignore[union-attr]
+            elif kind is Demote:
+                self._submit(self._demote, effect, DemotionDone)
+            elif kind is Prefetch:
+                self._submit(self._prefetch, effect, PrefetchDone)
+            elif kind is Delete:
+                self._submit(self._delete, effect, None)
+            else:
+                raise TypeError(f"unknown effect {effect!r}")
+        if self.on_evicted is not None:
+            for tier, n in evicted.items():
+                self.on_evicted(tier, n)
+
+    def _submit(self, run: Callable, effect: Effect, done: type | None) -> None:
+        try:
+            self.executor.submit(run, effect)
+        except RuntimeError as exc:  # shutting down: the copy never starts
+            if done is not None:
+                self.completions.post(done(effect.job, False, f"not started: {exc}"))  # type: ignore[union-attr]
+
+    def _demote(self, job: Demote) -> None:
+        tier = self.tiers.get(job.tier)
+        write = None if tier is None else (lambda view: tier.write(job, view))
+        ok, error = self._copy(write, job.source.offset, job.nbytes)
+        self.completions.post(DemotionDone(job.job, ok, error))
+
+    def _prefetch(self, job: Prefetch) -> None:
+        tier = self.tiers.get(job.tier)
+        read = None if tier is None else (lambda view: tier.read(job, view))
+        ok, error = self._copy(read, job.target.offset, job.nbytes)
+        self.completions.post(PrefetchDone(job.job, ok, error))
+
+    def _delete(self, job: Delete) -> None:
+        try:
+            self.tiers[job.tier].delete(job)
+        except Exception as exc:  # noqa: BLE001 - a tier's scan at start removes leftovers
+            log.warning("Tier %s could not delete %s: %s", job.tier, job.where, exc)
+
+    def _copy(
+        self, run: Callable[[memoryview], None] | None, offset: int, nbytes: int
+    ) -> tuple[bool, str]:
+        """Run one copy against the arena's bytes: (ok, why not)."""
+        if run is None:
+            return False, "no such tier"
+        try:
+            view = self.arena_view(offset, nbytes)
+            try:
+                run(view)
+            finally:
+                view.release()
+        except Exception as exc:  # noqa: BLE001 - reported to the core, which recovers
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, ""
+
+
+def count_evictions(metrics) -> Callable[[str, int], None]:
+    """``on_evicted`` for ServerMetrics: arena evictions are what it counts today."""
+
+    def on_evicted(tier: str, n: int) -> None:
+        if tier == ARENA:
+            metrics.count_evictions(n)
+
+    return on_evicted
