@@ -56,7 +56,6 @@ class TransferWorker:
     ):
         self.settings = settings
         self.rank = rank
-        self.layout: PagedLayout | None = None
         self._log = log
         self.link = ServerLink(
             settings,
@@ -90,7 +89,6 @@ class TransferWorker:
 
     def start(self, layout: PagedLayout, spec: NamespaceSpec) -> None:
         """The engine's KV cache is known: register ``spec``'s namespace and start moving."""
-        self.layout = layout
         self.copiers.layout = layout
         self.link.spec = spec
         self._thread = threading.Thread(target=self._io_loop, name="kvdepot-io", daemon=True)
@@ -271,7 +269,8 @@ class TransferWorker:
         self.link.close()
 
     def _stream_event(self):
-        return stream_event(self.layout.device) if self.layout is not None else None
+        layout = self.copiers.layout
+        return stream_event(layout.device) if layout is not None else None
 
     # --- the I/O thread ---------------------------------------------------------------------
 
