@@ -164,7 +164,7 @@ class CopyGate:
     Installed for one harness; ``close`` puts the copier back."""
 
     def __init__(self) -> None:
-        from kvdepot.integrations.vllm import copier
+        from kvdepot.connector import copier
 
         self._cls = copier.BlockCopier
         self._orig = {"load": self._cls.load, "store": self._cls.store}
@@ -406,7 +406,8 @@ class Harness:
     def wait_ready(self, timeout: float = 20.0) -> None:
         sched, worker = self.scheduler.connector._sched, self.worker._worker
         deadline = time.monotonic() + timeout
-        while not (sched.active and worker._ns is not None and worker._copier is not None):
+        while not (sched.active and worker.transfers.link.ns is not None
+                   and worker.transfers.copiers.current is not None):
             assert time.monotonic() < deadline, "the connector never registered with the server"
             time.sleep(0.01)
 

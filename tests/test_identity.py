@@ -28,7 +28,7 @@ from vllm.v1.request import Request  # noqa: E402
 
 from kvdepot.integrations.vllm import identity as ident  # noqa: E402
 from kvdepot.integrations.vllm.config import settings_from_extra_config  # noqa: E402
-from kvdepot.integrations.vllm.scheduler_side import _cacheable, request_root  # noqa: E402
+from kvdepot.integrations.vllm.request_keys import cacheable, request_root  # noqa: E402
 
 NS = bytes(range(16))  # a namespace digest
 
@@ -276,7 +276,7 @@ def test_adapters_are_named_by_their_weights(tmp_path):
     assert request_root(NS, request(LoRARequest("other", 7, str(a_copy)))) == root_a
     assert root_a != request_root(NS, request())  # the base model's chains
     assert request_root(NS, request(LoRARequest("a", 1, a), salt="t1")) not in (root_a, NS)
-    assert _cacheable(request(LoRARequest("a", 1, a)))
+    assert cacheable(request(LoRARequest("a", 1, a)))
 
     # Relative paths resolve as vLLM's workers resolve them (the working folder).
     cwd = os.getcwd()
@@ -289,22 +289,22 @@ def test_adapters_are_named_by_their_weights(tmp_path):
 
 def test_unidentifiable_adapters_are_not_cached(tmp_path):
     gone = LoRARequest("x", 3, str(tmp_path / "nowhere"))
-    assert ident.adapter_identity(gone) is None and not _cacheable(request(gone))
+    assert ident.adapter_identity(gone) is None and not cacheable(request(gone))
     hub = LoRARequest("x", 3, "acme/not-downloaded-adapter")
-    assert ident.adapter_identity(hub) is None and not _cacheable(request(hub))
+    assert ident.adapter_identity(hub) is None and not cacheable(request(hub))
 
     cfg_only = tmp_path / "cfg-only"
     cfg_only.mkdir()
     (cfg_only / "adapter_config.json").write_text("{}")
-    assert not _cacheable(request(LoRARequest("x", 3, str(cfg_only))))
+    assert not cacheable(request(LoRARequest("x", 3, str(cfg_only))))
 
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
     (unreadable / "adapter_config.json").write_text("{}")
     (unreadable / "adapter_model.safetensors").mkdir()  # stat works, reading fails
     assert ident.adapter_identity(LoRARequest("x", 3, str(unreadable))) is None
-    assert not _cacheable(request(LoRARequest("x", 3, str(unreadable))))
-    assert _cacheable(request())  # the base model still is
+    assert not cacheable(request(LoRARequest("x", 3, str(unreadable))))
+    assert cacheable(request())  # the base model still is
 
 
 def test_adapter_digests_are_cached_per_file_stat(tmp_path):

@@ -20,11 +20,12 @@ import vllm_support as vs  # noqa: E402
 
 from kvdepot.integrations.vllm import compat  # noqa: E402
 from kvdepot.integrations.vllm.config import settings_from_extra_config  # noqa: E402
-from kvdepot.integrations.vllm.metadata import KVDepotMetadata, LoadSpec, StoreSpec  # noqa: E402
+from kvdepot.integrations.vllm.metadata import KVDepotMetadata  # noqa: E402
 from kvdepot.integrations.vllm.scheduler_side import SchedulerSide  # noqa: E402
 from kvdepot.integrations.vllm.stats import KVDepotStats  # noqa: E402
 from kvdepot.integrations.vllm.worker_side import WorkerSide  # noqa: E402
 from kvdepot.client import KVDepotError  # noqa: E402
+from kvdepot.connector.specs import LoadSpec, StoreSpec  # noqa: E402
 from kvdepot.protocol import KEY_BYTES  # noqa: E402
 
 BS = 16  # engine block size (GPU-like), 16 blocks per 256-token chunk
@@ -124,7 +125,7 @@ def drain(worker, finished=(), want_recv=(), want_send=(), timeout=10.0, meta=No
 
 def wait_stores(worker, timeout=10.0):
     deadline = time.monotonic() + timeout
-    while worker._store_pending:
+    while worker.transfers.storing():
         assert time.monotonic() < deadline
         time.sleep(0.005)
 
@@ -167,7 +168,7 @@ def layer_blocks(kv, ids):
 def wait_prepared(worker, timeout=10.0):
     """Until the worker has registered and mapped the arena (its I/O thread does it at start)."""
     deadline = time.monotonic() + timeout
-    while worker._copier is None:
+    while worker.transfers.copiers.current is None:
         assert time.monotonic() < deadline, "the worker never prepared its copier"
         time.sleep(0.01)
 
@@ -293,7 +294,7 @@ def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
     wait_prepared(wb)  # at registration, before any load
     # On a GPU the worker enqueues loads on the engine thread (its copies are asynchronous);
     # the CPU copier takes that path here so its bookkeeping runs without a GPU.
-    wb._direct = (wb._client.boot_id, wb._copier)
+    wb.transfers.copiers.direct = (wb.transfers.link.client.boot_id, wb.transfers.copiers.current)
     before = server.stats()
     req = Req(tokens)
     assert lookup_until_answered(sched, req) == (512, True)
@@ -301,9 +302,9 @@ def test_load_from_the_lookups_offsets_enqueued_by_the_engine_thread(server):
     sched.update_state_after_alloc(req, blocks_of(target), 512)
     meta = sched.build_connector_meta(sched_output())
     spec = meta.loads[0]
-    assert spec.boot_id == wb._client.boot_id and spec.rank_offsets(0) is not None
+    assert spec.boot_id == wb.transfers.link.client.boot_id and spec.rank_offsets(0) is not None
     wb.start_load_kv(meta)
-    assert not wb._loads  # nothing went to the I/O thread: no Acquire round trip
+    assert not wb.transfers._loads  # nothing went to the I/O thread: no Acquire round trip
     _, _, errors = drain(wb, want_recv={req.request_id})
     assert errors == set()
     for got, want in zip(layer_blocks(kv_b, target), layer_blocks(kv_a, range(32))):
@@ -390,16 +391,16 @@ def test_load_after_server_restart_reports_every_block_for_recompute():
         assert lookup_until_answered(sched, req) == (512, True)
         sched.update_state_after_alloc(req, blocks_of(range(40, 72)), 512)
         meta = sched.build_connector_meta(sched_output())
-        old_boot = wb._client.boot_id
+        old_boot = wb.transfers.link.client.boot_id
         srv.stop()  # the server goes away between the scheduler's lookup and the worker's load
         srv.start()
         # Once the worker has heard of the new boot (any call of its, here one from the test),
         # the scheduler's offsets are of a boot whose leases died with it: never used.
         deadline = time.monotonic() + 10
-        while wb._client.boot_id == old_boot:
+        while wb.transfers.link.client.boot_id == old_boot:
             assert time.monotonic() < deadline, "the worker never saw the new server"
             try:
-                wb._client.stats()
+                wb.transfers.link.client.stats()
             except KVDepotError:
                 time.sleep(0.05)
         wb.start_load_kv(meta)
@@ -496,7 +497,7 @@ def test_preemption_waits_for_the_store_reading_its_blocks(server):
     lookup_until_answered(s, req)
     w.wait_for_save(s.build_connector_meta(sched_output([(req, range(64), 0, 1024)])))
     w.handle_preemptions(KVDepotMetadata(preempted={req.request_id}))
-    assert not w._store_pending  # its blocks may now be reused
+    assert not w.transfers.storing()  # its blocks may now be reused
     w.shutdown()
     s.close()
 

@@ -1,8 +1,7 @@
 """The connector's BlockCopier on a CUDA GPU: partial-chunk loads (blocks vLLM already holds
 are marked -1 and never written) and their ordering after the model's queued work.
 
-Runs on the GPU machine (needs CUDA and vLLM, which the connector package imports); skipped
-elsewhere. The same copier on CPU is covered by test_vllm_connector_units.py.
+Runs on the GPU machine (needs CUDA); skipped elsewhere. The same copier on CPU is covered by test_vllm_connector_units.py.
 """
 
 from __future__ import annotations
@@ -10,14 +9,13 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("vllm")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from test_gpu_transfer import _layout  # noqa: E402
 from test_layout import CHUNK, make_arena  # noqa: E402
 
-from kvdepot.integrations.vllm.copier import BlockCopier  # noqa: E402
+from kvdepot.connector.copier import BlockCopier  # noqa: E402
 from kvdepot.transfer.base import ChunkCopy  # noqa: E402
 
 BS = 16

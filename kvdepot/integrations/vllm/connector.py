@@ -1,8 +1,9 @@
 """KVDepotConnector: vLLM's V1 KV connector backed by a node-level kvdepot server.
 
 vLLM builds one instance in the scheduler (role SCHEDULER) and one per worker (role WORKER);
-this class only routes vLLM's hooks to SchedulerSide / WorkerSide, which hold the logic and
-are driven directly by the unit tests.
+this class only routes vLLM's hooks to SchedulerSide / WorkerSide (vLLM's side of things),
+which drive the engine-neutral connector layer (kvdepot.connector) and are driven directly by
+the unit tests.
 
 Best effort by design: ``requires_kv_delivery`` is False, failed loads are recomputed (the
 connector sets vLLM's kv_load_failure_policy to "recompute" unless told otherwise), and with
@@ -22,10 +23,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kvdepot.connector.specs import NamespaceSpec
 from kvdepot.integrations.vllm.compat import check_connector_api, check_vllm_version
 from kvdepot.integrations.vllm.config import settings_from_extra_config
 from kvdepot.integrations.vllm.identity import namespace_model
-from kvdepot.integrations.vllm.metadata import KVDepotHandshake, KVDepotMetadata, NamespaceSpec
+from kvdepot.integrations.vllm.metadata import KVDepotHandshake, KVDepotMetadata
 from kvdepot.integrations.vllm.scheduler_side import SchedulerSide
 from kvdepot.integrations.vllm.stats import KVDepotPromMetrics, KVDepotStats
 from kvdepot.integrations.vllm.worker_side import WorkerSide
@@ -199,7 +201,7 @@ class KVDepotConnector(KVConnectorBase_V1):
         self._sched.set_namespace_spec(specs[0])
 
     def _ensure_spec(self) -> None:
-        if self._sched is not None and self._sched._spec is None and self._world_size == 1:
+        if self._sched is not None and self._sched.spec is None and self._world_size == 1:
             spec = _LOCAL_SPECS.get(self._engine_id)
             if spec is not None:
                 self._sched.set_namespace_spec(spec)

@@ -1,11 +1,8 @@
-"""What travels between the scheduler's and the workers' halves of the connector.
+"""What travels between the scheduler's and the workers' halves of the vLLM connector.
 
-Scheduler -> workers, once per step (``KVDepotMetadata``): the loads and stores of that step,
-batched, each naming the chunk keys and the engine blocks. Keys are computed once, by the
-scheduler, so every TP rank uses the very same keys. A block id of -1 in a load means "this
-block of the chunk is already computed locally; do not write it" (a local prefix-cache hit
-that ends inside a chunk). A load also carries every rank's arena offsets from the
-scheduler's leased lookup, so a worker starts its copy without asking the server again.
+Scheduler -> workers, once per step (``KVDepotMetadata``, vLLM's connector metadata): the
+loads and stores of that step, batched (kvdepot.connector.specs), and what the workers must
+know of the step's requests.
 
 Workers -> scheduler, once at start-up (``KVDepotHandshake``, through vLLM's handshake
 metadata channel): the namespace the workers registered, read from their real KV tensors, so
@@ -21,46 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
 )
 
-from kvdepot.protocol import KEY_BYTES, KVGeometry
-
-
-@dataclass
-class LoadSpec:
-    req_id: str
-    keys: bytes  # KEY_BYTES per chunk, in prefix order
-    block_ids: list[int]  # blocks_per_chunk per chunk; -1: leave that block alone
-    # Arena offsets of the chunks' slots, rank-major (rank r: [r * n, (r + 1) * n)), valid in
-    # the server boot ``boot_id`` while the scheduler's lease holds. Empty: the worker asks the
-    # server itself (Acquire).
-    offsets: list[int] = field(default_factory=list)
-    boot_id: str = ""
-    # Synchronous: the copy must land before this step's forward reads the blocks (no
-    # get_finished report); else vLLM waits for the request in get_finished.
-    sync: bool = False
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self.keys) // KEY_BYTES
-
-    def rank_offsets(self, rank: int) -> list[int] | None:
-        """This rank's offsets, one per chunk, or None when the scheduler sent none."""
-        n = self.num_chunks
-        mine = self.offsets[rank * n : (rank + 1) * n]
-        return mine if n and len(mine) == n else None
-
-
-@dataclass
-class StoreSpec:
-    req_id: str
-    keys: bytes
-    block_ids: list[int]  # blocks_per_chunk per chunk
-    # The key of the chunk before the first one (b"": the first is the prefix's chunk 0): the
-    # server links the chain across stores, so eviction keeps every prefix reachable.
-    parent: bytes = b""
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self.keys) // KEY_BYTES
+from kvdepot.connector.specs import LoadSpec, NamespaceSpec, StoreSpec
 
 
 @dataclass
@@ -80,21 +38,7 @@ class KVDepotMetadata(KVConnectorMetadata):
 
 
 @dataclass
-class NamespaceSpec:
-    """What a namespace is registered from; equal on every rank of one engine."""
-
-    model: str
-    geometry: KVGeometry
-    world_size: int
-    salt: str
-
-
-@dataclass
 class KVDepotHandshake(KVConnectorHandshakeMetadata):
     rank: int
     spec: NamespaceSpec | None  # None: the worker could not read its KV layout
     error: str = ""
-
-
-def split_keys(blob: bytes) -> list[bytes]:
-    return [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]

@@ -3,7 +3,7 @@
 vLLM sums them over workers and over the scheduler (``aggregate``), logs them with its other
 periodic stats ("KV Transfer metrics: ..."), and exports them to Prometheus through
 ``KVDepotPromMetrics`` (counters named ``vllm:kvdepot_*``), so vLLM's own metrics show what
-the cache did.
+the cache did (the counters: kvdepot.connector.counters).
 """
 
 from __future__ import annotations
@@ -16,27 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-COUNTERS = {
-    # scheduler side
-    "lookups": "Lookups sent to the kvdepot server",
-    "lookup_errors": "Lookups that failed (server away or restarted); treated as misses",
-    "queried_tokens": "Prompt tokens in whole chunks that were looked up",
-    "hit_tokens": "Tokens vLLM chose to load from kvdepot",
-    # worker side
-    "loaded_chunks": "Chunks loaded from kvdepot (per rank)",
-    "loaded_bytes": "Bytes loaded from kvdepot (per rank)",
-    "load_failed_blocks": "Blocks whose load failed and were recomputed",
-    "stored_chunks": "Chunks written to kvdepot (per rank)",
-    "stored_bytes": "Bytes written to kvdepot (per rank)",
-    "store_skipped_chunks": "Chunks not written: already present, busy, or no space",
-    "store_errors": "Store batches that failed (server away or restarted)",
-    # both
-    "hook_us": "Microseconds the connector's hooks ran on vLLM's scheduler and worker threads",
-}
-
-
-def empty_counters() -> dict[str, int]:
-    return {k: 0 for k in COUNTERS}
+from kvdepot.connector.counters import COUNTERS, empty_counters
 
 
 @dataclass

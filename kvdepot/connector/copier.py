@@ -1,8 +1,8 @@
-"""Moving whole and partial chunks between vLLM's paged KV cache and arena slots.
+"""Moving whole and partial chunks between an engine's paged KV cache and arena slots.
 
 Whole chunks go through the project's transfer engines (kvdepot.transfer: CPU, or the GPU
-DMA / Triton engines). A load may also need a *partial* chunk: when vLLM's own prefix cache
-already holds the first blocks of a chunk, those blocks are shared with other requests and
+DMA / Triton engines). A load may also need a *partial* chunk: when the engine's own prefix
+cache already holds the first blocks of a chunk, those blocks are shared with other requests and
 must not be written, so only the chunk's remaining blocks are copied (block id -1 marks the
 others): by the CPU engine itself, or on a GPU block by block with plain torch indexing over
 the same byte views (at most one such chunk per request).
@@ -15,11 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
+from kvdepot.connector.logs import CONNECTOR_LOG
 from kvdepot.transfer.base import ChunkCopy, Completed
 from kvdepot.transfer.cpu import CpuTransfer
 from kvdepot.transfer.layout import PagedLayout
-
-log = logging.getLogger("vllm.kvdepot")
 
 
 class _Handles:
@@ -55,8 +54,19 @@ class _EventHandle:
         (stream or torch.cuda.current_stream(self.event.device)).wait_event(self.event)
 
 
+def stream_event(device: torch.device):
+    """A CUDA event after the work queued so far on ``device``'s current stream (the
+    model's); None on a CPU, where every copy runs after the forward anyway."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 class BlockCopier:
-    def __init__(self, layout: PagedLayout, arena: torch.Tensor, chunk_tokens: int):
+    def __init__(self, layout: PagedLayout, arena: torch.Tensor, chunk_tokens: int, *,
+                 log: logging.Logger = CONNECTOR_LOG):
         self.layout = layout
         self.arena = arena
         self.chunk_tokens = chunk_tokens
@@ -65,8 +75,8 @@ class BlockCopier:
         self.device = layout.device
         self.engine = None
         if self.device.type == "cpu":
-            # One copy thread: vLLM's CPU backend pins its OpenMP threads to the cores, and a
-            # second team of copy threads there only competes with the model.
+            # One copy thread: an engine's CPU backend (vLLM's) pins its OpenMP threads to the
+            # cores, and a second team of copy threads there only competes with the model.
             self.engine = CpuTransfer(layout, arena, chunk_tokens, threads=1)
         elif self.device.type == "cuda":
             try:
