@@ -20,6 +20,11 @@ cannot be evicted before it is loaded. Per request (``RequestLookups``):
   its lease goes when the load is reported, at once (no step may follow to release it in).
 - A request that finishes with a lookup in flight abandons it: the client gives back its
   lease when the reply arrives, however late.
+- Chunks still on their way into the buffer from a lower tier (the reply's ``pending``: the
+  server prefetches them under the lease, within its own deadline) make the answer "ask
+  again"; every later question looks up afresh (the kept lease goes only after the new lookup
+  took its own) until nothing is pending, or until settings.pending_wait_ms have passed since
+  the first such answer: then the hit is what is in the buffer.
 
 Releases are batched: one Release per scheduler step (``flush``).
 """
@@ -60,6 +65,7 @@ class LookupRecord:
     at: float  # time.monotonic() when it came
     offsets: list[int] = field(default_factory=list)  # rank-major slot offsets of the hits
     boot_id: str = ""  # the server boot the offsets belong to
+    pending: int = 0  # chunks after the hits that the server is bringing up from a lower tier
 
     def offsets_of(self, world_size: int, c_lo: int, c_hi: int) -> list[int]:
         """Every rank's offsets of chunks [c_lo, c_hi), rank-major; [] when the reply had none."""
@@ -79,6 +85,7 @@ class RequestLookups:
     pending_first: int = 0
     pending_sent: float = 0.0
     result: LookupRecord | None = None
+    pending_since: float = 0.0  # when a reply first said chunks were on their way (0: none)
     load_lease: int = 0  # an asynchronous load's: held until the load is reported finished
     sync_leases: list[int] = field(default_factory=list)  # held until the request ends or is preempted
 
@@ -110,6 +117,8 @@ class LookupBook:
             collected = self._collect(entry)
             if collected is not True:
                 return collected
+            if self._still_arriving(entry):
+                return ASK_AGAIN
         valid = self._valid_result(entry, first)
         if valid is not None:
             return valid
@@ -133,7 +142,22 @@ class LookupBook:
         collected = self._collect(entry)
         if collected is not True:
             return collected
+        if self._still_arriving(entry):
+            return ASK_AGAIN
         return self._valid_result(entry, first)
+
+    def _still_arriving(self, entry: RequestLookups) -> bool:
+        """The fresh result says chunks are on their way: ask again (within pending_wait_ms)."""
+        res = entry.result
+        if res is None or not res.pending:
+            return False
+        now = time.monotonic()
+        if not entry.pending_since:
+            entry.pending_since = now
+        if now - entry.pending_since < self._link.settings.pending_wait_ms / 1000.0:
+            return True
+        res.pending = 0  # waited long enough: the hit is what is in the buffer
+        return False
 
     def _valid_result(self, entry: RequestLookups, first: int) -> LookupRecord | None:
         res, client = entry.result, self._link.client
@@ -144,6 +168,8 @@ class LookupBook:
     def _still_valid(self, res: LookupRecord, first: int, now: float, epoch: int) -> bool:
         if res.epoch != epoch:
             return False  # the server restarted: the lease is void, the hit may be gone
+        if res.pending:
+            return False  # more may have landed since: look up again
         if res.hit == 0:
             return res.first == first and now - res.at < MISS_TTL_S
         # A later call may come with a longer local hit; a shorter one needs a new lookup.
@@ -169,7 +195,10 @@ class LookupBook:
             entry.pending_first, result.hit_chunks, result.lease, result.epoch, time.monotonic(),
             offsets=list(getattr(result, "offsets", ()) or ()) if boot else [],
             boot_id=boot or "",
+            pending=int(getattr(result, "pending", 0) or 0),
         )
+        if not entry.result.pending:
+            entry.pending_since = 0.0
         return True
 
     def _failed(self, exc: KVDepotError) -> None:
@@ -188,7 +217,8 @@ class LookupBook:
     # --- leases -----------------------------------------------------------------------------
 
     def drop(self, entry: RequestLookups) -> None:
-        """Forget the kept result; its lease goes back unread."""
+        """Forget the kept result; its lease goes back unread (at the next flush: after a
+        lookup sent meanwhile has taken its own)."""
         if entry.result is not None and entry.result.lease:
             self._to_release.append(entry.result.lease)
         entry.result = None

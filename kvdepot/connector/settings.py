@@ -22,6 +22,11 @@ class ConnectorSettings:
     # (None). A local round trip is ~0.1-0.3 ms, so a miss normally costs one round trip and
     # no extra scheduler step; a slow server costs a skipped step, never a stall.
     lookup_wait_ms: float = 5.0
+    # How long a request may wait ("ask again") for chunks the server brings up from a lower
+    # tier (disk) into the buffer. The server bounds each prefetch by its own deadline and
+    # never starts one slower than recomputing; this only guards against a server that keeps
+    # answering "pending".
+    pending_wait_ms: float = 10_000.0
     # How long a worker waits, in a step that computes nothing, for loads in flight
     # (TransferWorker.take_finished_loads): a load that lands within it is reported in the
     # same step.

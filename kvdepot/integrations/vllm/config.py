@@ -80,6 +80,7 @@ def settings_from_extra_config(extra: Mapping[str, Any] | None) -> ConnectorSett
         port=port,
         timeout_ms=int(_get(extra, "timeout_ms", d.timeout_ms)),
         lookup_wait_ms=float(_get(extra, "lookup_wait_ms", d.lookup_wait_ms)),
+        pending_wait_ms=float(_get(extra, "pending_wait_ms", d.pending_wait_ms)),
         load_wait_ms=float(_get(extra, "load_wait_ms", d.load_wait_ms)),
         lease_ms=int(_get(extra, "lease_ms", d.lease_ms)),
         load_mode=_load_mode(_get(extra, "load_mode", d.load_mode)),
