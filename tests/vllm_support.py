@@ -333,7 +333,7 @@ def _engine_main(spec_path: str) -> None:
             comp = out.outputs[0]
             logprobs = [float(step[tok].logprob) for tok, step in zip(comp.token_ids, comp.logprobs)]
             margins = [
-                lp - max((float(o.logprob) for t, o in step.items() if t != tok), default=lp + 99.0)
+                lp - max((float(o.logprob) for t, o in step.items() if t != tok), default=lp - 99.0)
                 for tok, step, lp in zip(comp.token_ids, comp.logprobs, logprobs)
             ]
             outputs.append(
@@ -382,8 +382,10 @@ def free_port() -> int:
 class KVDepotServer:
     """A kvdepot server in its own process, on a free port, with its own shm segment."""
 
-    def __init__(self, cpu_buffer_gb: float = 0.5, port: int | None = None, log_dir: str | None = None):
+    def __init__(self, cpu_buffer_gb: float = 0.5, port: int | None = None, log_dir: str | None = None,
+                 extra_args: list[str] | None = None):
         self.port = port or free_port()
+        self.extra_args = list(extra_args or [])  # more `kvdepot serve` flags, e.g. a disk tier
         self.cpu_buffer_gb = cpu_buffer_gb
         self.shm_name = f"kvdepot-test-{uuid.uuid4().hex[:12]}"
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="kvdepot-server-")
@@ -404,6 +406,7 @@ class KVDepotServer:
                 "--cpu-buffer-size", str(self.cpu_buffer_gb),
                 "--shm-name", self.shm_name,
                 "--http-port", "0",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
