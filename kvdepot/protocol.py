@@ -230,6 +230,11 @@ class LookupReply(Message, tag="LookupReply"):
     # rank r and chunk i, so workers load without an Acquire. Empty otherwise. Trailing with a
     # default: a reply from a server that predates it decodes with none.
     offsets: list[int] = []
+    # Chunks right after the hits that a lower tier (disk) is loading into the buffer for
+    # this lookup: ask again and they are hits once they landed, or count as misses once
+    # the server's prefetch deadline passed (then this is 0). The lease covers them too.
+    # Trailing with a default: 0 from a server that predates it.
+    pending: int = 0
 
 
 class ReserveReply(Message, tag="ReserveReply"):
@@ -282,6 +287,36 @@ class BatchReply(Message, tag="BatchReply"):
     ]
 
 
+class TierStats(msgspec.Struct):
+    """One storage tier below the buffer (a local disk): its settings and what it did."""
+
+    name: str  # "disk"
+    settings: dict[str, str]  # flags and policies: path, write policy, admission, O_DIRECT...
+    capacity_bytes: int  # --disk-size: the tier never holds more (headers and padding count)
+    used_bytes: int  # on the medium now, temporary files of writes in flight included
+    files: int  # chunk files (one per chunk and rank)
+    waiting_files: int  # found at start, waiting for an engine to register their namespace
+    copies_in_flight: int  # writes and loads started, not finished
+    queue_depth: int  # copies that may be in flight at once; more are not started
+    writes: int  # chunk files written
+    written_bytes: int  # payload bytes
+    reads: int  # chunk files read back into the buffer, verified
+    read_bytes: int
+    checksum_failures: int  # payload CRC32C mismatches on read: a miss, the file deleted
+    bad_files: int  # short, unknown format version, bad header: deleted (at start or on read)
+    temp_files_removed: int  # left by a write a crash interrupted; removed at start
+    write_errors: int  # writes that failed (disk full, I/O error, over the cap)
+    read_errors: int  # reads that failed other than by a checksum (missing file, I/O error)
+    dropped_writes: int  # wanted but never started: the tier's queue was full
+    not_admitted: int  # left the buffer unwritten: fewer hits than --disk-admit-hits
+    prefetch_started: int  # chunks a leased lookup started loading into the buffer
+    prefetch_landed: int  # of those, loaded and verified
+    prefetch_timeouts: int  # still loading at their deadline: the lookup counted them missed
+    prefetch_skipped: int  # not started: loading was expected to be slower than recomputing
+    read_bytes_per_s: float  # the load speed the tier expects (measured on its reads)
+    last_error: str  # the latest I/O error, "" when none
+
+
 class ServerStats(msgspec.Struct):
     """A consistent snapshot of what the server holds and did, for clients, /stats and status."""
 
@@ -313,6 +348,8 @@ class ServerStats(msgspec.Struct):
     expired_leases: int
     expired_reservations: int
     errors: dict[str, int]
+    # Trailing with a default: stats from a server that predates tiers decode with none.
+    tiers: list[TierStats] = []
 
 
 Reply = Union[

@@ -117,6 +117,56 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             f"{get('expired_leases', 0):,} leases, {get('expired_reservations', 0):,} reservations",
         ),
         ("errors", ", ".join(f"{code} {n:,}" for code, n in sorted(errors.items())) or "none"),
+        *(row for tier in get("tiers") or () for row in tier_rows(tier)),
+    ]
+
+
+def tier_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of one storage tier below the buffer (a local disk)."""
+    get = t.get
+    settings = get("settings") or {}
+    policy = [settings.get("write_policy", "?")]
+    if settings.get("admit_hits", "0") != "0":
+        policy.append(f"admitted after {settings['admit_hits']} hits")
+    policy.append(f"O_DIRECT {settings.get('direct_io', '?')}")
+    waiting = get("waiting_files", 0)
+    return [
+        (f"{get('name', 'tier')} tier", f"{settings.get('path', '?')}, " + ", ".join(policy)),
+        (
+            "  used",
+            f"{human_bytes(get('used_bytes', 0))} of {human_bytes(get('capacity_bytes', 0))} "
+            f"({percent(get('used_bytes', 0), get('capacity_bytes', 0))}), "
+            f"{get('files', 0):,} files"
+            + (f" ({waiting:,} waiting for their namespace)" if waiting else ""),
+        ),
+        (
+            "  queue",
+            f"{get('copies_in_flight', 0):,} of {get('queue_depth', 0):,} copies in flight, "
+            f"{get('dropped_writes', 0):,} writes dropped (queue full), "
+            f"{get('not_admitted', 0):,} not admitted",
+        ),
+        ("  written", f"{get('writes', 0):,} files, {human_bytes(get('written_bytes', 0))}"),
+        (
+            "  read",
+            f"{get('reads', 0):,} files, {human_bytes(get('read_bytes', 0))}, "
+            f"expected {human_bytes(get('read_bytes_per_s', 0))}/s",
+        ),
+        (
+            "  prefetch",
+            f"{get('prefetch_started', 0):,} chunks started, {get('prefetch_landed', 0):,} "
+            f"landed, {get('prefetch_timeouts', 0):,} past their deadline, "
+            f"{get('prefetch_skipped', 0):,} skipped (recompute is faster)",
+        ),
+        (
+            "  bad files",
+            f"{get('checksum_failures', 0):,} checksum failures, {get('bad_files', 0):,} "
+            f"unreadable, {get('temp_files_removed', 0):,} temporary removed (all deleted)",
+        ),
+        (
+            "  I/O errors",
+            f"{get('read_errors', 0):,} reads, {get('write_errors', 0):,} writes"
+            + (f"; last: {get('last_error')}" if get("last_error") else ""),
+        ),
     ]
 
 

@@ -6,6 +6,7 @@ effects on worker threads (tests/test_server_tiers.py shows the loop side)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -21,7 +22,8 @@ from kvdepot.server.cache import CacheCore, CacheError
 from kvdepot.server.effects import Delete, Demote, DemotionDone, Evicted, Prefetch, PrefetchDone
 from kvdepot.server.locations import ARENA, RemoteKey, State
 from kvdepot.server.policies import POLICY_CLASSES
-from kvdepot.server.tiers import TierSpec
+from kvdepot.server.prefetching import PrefetchSettings
+from kvdepot.server.tiers import StoredChunk, TierSpec
 
 C = 256
 TIER = "fake"
@@ -40,6 +42,8 @@ class FakeTier:
         self.jobs: dict[int, Demote | Prefetch] = {}  # started, not finished
         self.evicted: list[Evicted] = []
         self.deleted: list[Delete] = []
+        self.meta: dict[RemoteKey, StoredChunk] = {}  # what a restarted tier's scan finds
+        self._written = 0
 
     def take(self) -> list:
         effects = self.core.take_effects()
@@ -50,6 +54,7 @@ class FakeTier:
             elif isinstance(effect, Delete):
                 assert effect.where in self.store, effect
                 del self.store[effect.where]
+                del self.meta[effect.where]
                 self.deleted.append(effect)
             else:
                 self.evicted.append(effect)
@@ -66,12 +71,18 @@ class FakeTier:
         if isinstance(effect, Demote):
             if ok:  # read at the end: the slot must not have changed meanwhile
                 self.store[effect.target] = self.arena[effect.source.offset]
+                self._written += 1
+                self.meta[effect.target] = StoredChunk(
+                    effect.namespace, effect.key, effect.parent, effect.rank, effect.nbytes,
+                    effect.target, float(self._written),
+                )
             assert self.core.complete(DemotionDone(job, ok, "" if ok else "disk full"))
         else:
             if ok:
                 self.arena[effect.target.offset] = self.store[effect.source]
             else:  # a bad copy: the tier drops it
                 del self.store[effect.source]
+                del self.meta[effect.source]
             assert self.core.complete(PrefetchDone(job, ok, "" if ok else "checksum"))
         self.take()
 
@@ -86,9 +97,14 @@ class FakeTier:
 
 
 def tiered_core(capacity_chunks: int = 64, queue_depth: int = 8, policy: str = "lru",
-                arena_mib: int = 1, slab_kib: int = 1024, **kw) -> CacheCore:
+                arena_mib: int = 1, slab_kib: int = 1024, write_through: bool = False,
+                admit_hits: int = 0, **kw) -> CacheCore:
+    # A new place per write (like the disk tier's file names): a write never meets an older
+    # copy of the same chunk, nor its queued delete.
+    writes = itertools.count()
     spec = TierSpec(TIER, capacity_chunks * (64 << 10), queue_depth,
-                    lambda digest, key, rank: RemoteKey(digest + key + bytes([rank])))
+                    lambda ns, key, rank: RemoteKey(ns + key + bytes([rank]) + b"%d" % next(writes)),
+                    write_through=write_through, admit_hits=admit_hits)
     return CacheCore(SlabAllocator(arena_mib << 20, slab_kib << 10), C,
                      policy_factory=POLICY_CLASSES[policy], tiers=[spec], **kw)
 
@@ -185,11 +201,19 @@ def test_a_failed_copy_loses_the_chunk_but_nothing_else():
     tier.take()
     tier.finish_all()
     assert not core.index.entries[keys[14]].in_arena
-    core.lookup(B, ns.id, b"".join(keys), 1000, 0.0)
+    hits, lease, _, pending = core.lookup_and_prefetch(B, ns.id, b"".join(keys), 1000, 0.0)
+    assert (hits, pending) == (14, 1)
     tier.take()
     [job] = [j for j, e in tier.jobs.items() if isinstance(e, Prefetch)]
     tier.finish(job, ok=False)
-    assert keys[14] not in core.index.entries and not core.places.lower.books[TIER].used_bytes
+    # No place is left; the lookup's lease keeps the entry until it ends, then it goes.
+    failed = core.index.entries[keys[14]]
+    assert not failed.in_arena and not failed.lower and failed.leases == 1
+    assert not core.places.lower.books[TIER].used_bytes
+    core.check_invariants()
+    assert core.lookup_and_prefetch(B, ns.id, b"".join(keys), 0, 0.0)[::3] == (14, 0)
+    core.release(B, [lease], 0.0)
+    assert keys[14] not in core.index.entries
     core.check_invariants()
 
 
@@ -290,22 +314,17 @@ def test_chunks_after_one_only_a_tier_holds_keep_it_in_the_arena():
 
 # --- property: random operations, copies finishing in any order, some failing ------------------
 
+FINISHES = st.lists(st.tuples(st.integers(0, 1 << 16), st.booleans()), max_size=150)
 
-@pytest.mark.parametrize("policy", POLICIES)
-@settings(max_examples=120, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(ops=OPS, finishes=st.lists(st.tuples(st.integers(0, 1 << 16), st.booleans()), max_size=150))
-def test_random_operations_with_a_tier_keep_every_byte_and_every_chain(policy, ops, finishes):
-    # 16 slots of the first namespace's size; the tier holds 24 of them and copies 3 at once.
-    core = tiered_core(capacity_chunks=24, queue_depth=3, policy=policy, slab_kib=256,
-                       lease_ttl_s=3, reservation_ttl_s=3)
-    tier = FakeTier(core)
-    model = ChainModel(core)
+
+def run_ops(core: CacheCore, tier: FakeTier, model: ChainModel, ops, finishes, now: float = 0.0) -> float:
+    """Random stores, commits, aborts, lookups (leased ones prefetch, and say what is pending),
+    acquires, releases, expiries and crashed engines; after each, one copy ends (in any order,
+    some failing) and every chain and byte is checked. Returns the clock."""
     sessions = [b"s1", b"s2"]
     open_res: list[tuple[bytes, int]] = []
     leases: list[tuple[bytes, int]] = []
     rng = random.Random(len(ops))
-    now = 0.0
     for step, (what, which, first, n, choice) in enumerate(ops):
         ns, keys = model.chains[which]
         first = min(first, len(keys) - 1)
@@ -332,10 +351,17 @@ def test_random_operations_with_a_tier_keep_every_byte_and_every_chain(policy, o
                 pass  # expired meanwhile
         elif what <= 7:  # leased lookups start loads from the tier
             tail = keys[first:] if what == 6 else keys  # from the middle, or the head
-            hits, lease, offsets = core.lookup(sess, ns.id, b"".join(tail), 1000 if choice % 4 else 0, now)
+            hits, lease, offsets, pending = core.lookup_and_prefetch(
+                sess, ns.id, b"".join(tail), 1000 if choice % 4 else 0, now
+            )
             if lease:
                 tier.check_hit(tail, ns.world_size, hits, offsets)
                 leases.append((sess, lease))
+            # Pending: the chunks right after the hits, each loading or landed, and held.
+            for key in tail[hits : hits + pending]:
+                entry = core.index.entries[key]
+                assert entry.leases and (entry.complete or entry.loading_ranks), entry
+            assert not pending or lease
         elif what == 8:
             lease, offsets = core.acquire(sess, ns.id, rank, b"".join(keys[first:]), 1000, now)
             for key, off in zip(keys[first:], offsets):
@@ -362,16 +388,100 @@ def test_random_operations_with_a_tier_keep_every_byte_and_every_chain(policy, o
                 before[tier.jobs[job].key] = 0
             tier.finish(job, ok or rng.random() < 0.5)
         model.check(before, stored)
-    # Nothing leaks: with every copy done and nobody holding anything, every tier empties.
     tier.finish_all()
     for s in sessions:
         core.drop_session(s, now)
     tier.take()
+    core.check_invariants()
+    return now
+
+
+def empty_everything(core: CacheCore, tier: FakeTier) -> None:
+    """Nothing leaks: with every copy done and nobody holding anything, every tier empties."""
     core.clear()
     tier.take()
     assert not core.index.entries and core.allocator.used_bytes == 0
     assert not tier.store and core.places.lower.books[TIER].used_bytes == 0
     core.check_invariants()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=120, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=OPS, finishes=FINISHES)
+def test_random_operations_with_a_tier_keep_every_byte_and_every_chain(policy, ops, finishes):
+    # 16 slots of the first namespace's size; the tier holds 24 of them and copies 3 at once.
+    core = tiered_core(capacity_chunks=24, queue_depth=3, policy=policy, slab_kib=256,
+                       lease_ttl_s=3, reservation_ttl_s=3)
+    tier = FakeTier(core)
+    run_ops(core, tier, ChainModel(core), ops, finishes)
+    empty_everything(core, tier)
+
+
+def reachable_on_tier(tier: FakeTier, model: ChainModel, world_size: dict[bytes, int]) -> set[bytes]:
+    """The keys whose every rank the tier holds and whose chain, up to its head, it holds too."""
+    ranks: dict[bytes, set[int]] = {}
+    for chunk in tier.meta.values():
+        ranks.setdefault(chunk.key, set()).add(chunk.rank)
+    whole = {k for k, r in ranks.items() if len(r) == world_size[k]}
+    out = set()
+    for key in whole:
+        k = key
+        while k in whole and model.parent[k]:
+            k = model.parent[k]
+        if k in whole and not model.parent[k]:
+            out.add(key)
+    return out
+
+
+@pytest.mark.parametrize("write_through, admit_hits", [(True, 0), (False, 1), (True, 1)])
+@settings(max_examples=50, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=OPS, more=OPS, finishes=FINISHES)
+def test_random_operations_across_a_restart_keep_every_byte_and_every_chain(
+    write_through, admit_hits, ops, more, finishes
+):
+    """Write-through or write-back, admission by hits; then a new core adopts what the tier
+    holds (as a restarted server's scan finds it), namespaces register again, and it goes on.
+    Exactly the chunks whose chain the tier holds whole come back; every byte is right."""
+    kw = dict(capacity_chunks=24, queue_depth=3, slab_kib=256, lease_ttl_s=3,
+              reservation_ttl_s=3, write_through=write_through, admit_hits=admit_hits)
+    core = tiered_core(**kw)
+    tier = FakeTier(core)
+    model = ChainModel(core)
+    now = run_ops(core, tier, model, ops, finishes)
+    # Every chain stored whole, rank by rank, a few chunks per call, copies done as they go:
+    # the tier then holds chains (and pieces of chains) of both namespaces.
+    for ns, keys in model.chains:
+        for rank in range(ns.world_size):
+            for start in range(0, len(keys), 3):
+                part = keys[start : start + 3]
+                rid, status, offsets = core.reserve(A, ns.id, rank, b"".join(part), 0, now,
+                                                    parent=keys[start - 1] if start else b"")
+                tier.write(status, offsets, part, rank)
+                if rid:
+                    core.commit(A, rid, now)
+                tier.take()
+                tier.finish_all()
+    found = list(tier.meta.values())
+    sizes = {ns.digest: ns for ns, _ in model.chains}
+    world = {c.key: sizes[c.namespace].world_size for c in found}
+    expected = reachable_on_tier(tier, model, world)
+
+    again = tiered_core(**kw)
+    tier2 = FakeTier(again)
+    tier2.store, tier2.meta = dict(tier.store), dict(tier.meta)
+    again.adopt(TIER, found)
+    books = again.places.lower.books[TIER]
+    assert len(books.orphans) == len(found) and not again.index.entries
+    again.check_invariants()
+    model2 = ChainModel(again)  # registers both namespaces: their chunks join the index
+    tier2.take()  # deletes what could not be adopted
+    assert set(again.index.entries) == expected and not books.orphans
+    assert {c.key for c in tier2.meta.values()} == expected
+    again.check_invariants()
+    run_ops(again, tier2, model2, more, finishes)
+    empty_everything(again, tier2)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -412,3 +522,98 @@ def test_a_working_set_larger_than_the_arena_cycles_through_the_tier(policy, ste
     core.check_invariants()
     if len(steps) >= 40:
         assert loaded, "long runs load chunks back from the tier"
+
+
+# --- prefetch deadlines, the recompute estimate, write-through, admission -----------------------
+
+
+def test_pending_chunks_count_as_misses_after_their_deadline():
+    core = tiered_core(prefetch=PrefetchSettings(deadline_base_s=0.5, deadline_per_token_s=1e-3))
+    tier = FakeTier(core)
+    ns = core.register("m", small_geometry(), 1, "")
+    keys = chain(ns.digest, 30, 4)
+    fill(core, tier, ns, keys)
+    core.reserve(B, ns.id, 0, b"".join(chain(ns.digest, 31, 13)), 0, 0.0)  # evicts 1 of them
+    tier.take()
+    tier.finish_all()  # written down, gone from the arena
+    assert core.lookup(B, ns.id, b"".join(keys), 0, 0.0)[0] == 3
+    # 0.5 s + 1 ms x 256 tokens: due at 0.756 s.
+    hits, lease, _, pending = core.lookup_and_prefetch(A, ns.id, b"".join(keys), 1000, 0.0)
+    assert (hits, pending) == (3, 1) and [e for e in tier.take() if isinstance(e, Prefetch)]
+    assert core.lookup_and_prefetch(A, ns.id, b"".join(keys), 1000, 0.7)[::3] == (3, 1)
+    assert core.lookup_and_prefetch(A, ns.id, b"".join(keys), 1000, 0.8)[::3] == (3, 0)
+    books = core.places.lower.books[TIER]
+    assert books.counters.prefetch_timeouts == 1
+    assert core.lookup_and_prefetch(A, ns.id, b"".join(keys), 1000, 0.9)[::3] == (3, 0)
+    assert books.counters.prefetch_timeouts == 1  # counted once
+    core.check_invariants()
+    tier.finish_all()  # it lands late: a hit for whoever asks next
+    assert core.lookup(A, ns.id, b"".join(keys), 0, 1.0)[0] == 4
+    assert books.counters.prefetch_landed == 1 and books.counters.prefetch_started == 1
+    core.drop_session(A, 1.0)
+    core.check_invariants()
+
+
+def test_a_load_slower_than_recomputing_is_not_started():
+    # 64 KiB per 256 tokens: at 1 MB/s a load takes 66 ms, recomputing at 10k tokens/s 26 ms.
+    spec_speed = 1e6
+    core = tiered_core(prefetch=PrefetchSettings(recompute_tokens_per_s=10_000.0))
+    books = core.places.lower.books[TIER]
+    books.read_bytes_per_s = spec_speed
+    tier = FakeTier(core)
+    ns = core.register("m", small_geometry(), 1, "")
+    keys = chain(ns.digest, 40, 4)
+    fill(core, tier, ns, keys)
+    core.reserve(B, ns.id, 0, b"".join(chain(ns.digest, 41, 13)), 0, 0.0)
+    tier.take()
+    tier.finish_all()
+    hits, lease, _, pending = core.lookup_and_prefetch(A, ns.id, b"".join(keys), 1000, 0.0)
+    assert (hits, pending) == (3, 0) and not [e for e in tier.take() if isinstance(e, Prefetch)]
+    assert books.counters.prefetch_skipped == 1
+    books.read_bytes_per_s = 1e9  # a faster disk (measured on its reads): loads go
+    assert core.lookup_and_prefetch(A, ns.id, b"".join(keys), 1000, 0.0)[::3] == (3, 1)
+    core.drop_session(A, 0.0)
+    core.check_invariants()
+
+
+def test_write_through_writes_every_committed_chunk_and_eviction_then_costs_nothing():
+    core = tiered_core(write_through=True, queue_depth=4)
+    tier = FakeTier(core)
+    ns = core.register("m", small_geometry(), 1, "")
+    keys = chain(ns.digest, 50, 6)
+    fill(core, tier, ns, keys, per_call=3)
+    books = core.places.lower.books[TIER]
+    # The queue takes 4 at once; the other 2 are dropped (counted) and wait for eviction.
+    assert len(tier.jobs) == 4 and books.counters.dropped_writes == 2
+    assert core.lookup(A, ns.id, b"".join(keys), 0, 0.0)[0] == 6  # readable while copied
+    core.check_invariants()
+    tier.finish_all()
+    assert all(core.index.entries[k].arena[0].state is State.READY for k in keys)  # kept
+    assert len(tier.store) == 4
+    fill(core, tier, ns, chain(ns.digest, 51, 10))  # the arena is full now: one more store
+    rid, status, _ = core.reserve(B, ns.id, 0, chain(ns.digest, 52, 1)[0], 0, 0.0)
+    assert status == [SlotStatus.RESERVED]  # something with a copy left at once
+    core.check_invariants()
+
+
+def test_admission_writes_only_chunks_hit_often_enough():
+    core = tiered_core(admit_hits=2)
+    tier = FakeTier(core)
+    ns = core.register("m", small_geometry(), 1, "")
+    hot, cold = chain(ns.digest, 60, 8), chain(ns.digest, 61, 8)
+    fill(core, tier, ns, hot)
+    fill(core, tier, ns, cold)
+    for _ in range(2):
+        assert core.lookup(A, ns.id, b"".join(hot), 0, 0.0)[0] == 8
+    in_arena = lambda: [k for k in hot + cold if k in core.index.entries and core.index.entries[k].in_arena]  # noqa: E731
+    for i in range(40):  # new one-chunk prompts until both left the arena
+        if not in_arena():
+            break
+        store_head(core, tier, ns, chain(ns.digest, 100 + i, 1)[0])
+        tier.finish_all()  # write-backs end: what waited for them leaves the arena
+    assert not in_arena()
+    books = core.places.lower.books[TIER]
+    below = {e.key for e in core.index.entries.values() if e.lower}
+    assert set(hot) <= below and not below & set(cold)
+    assert books.counters.not_admitted >= 8
+    core.check_invariants()

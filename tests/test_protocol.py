@@ -52,6 +52,34 @@ def test_the_new_fields_round_trip_and_defaults_are_not_shared():
     assert b.offsets == []
 
 
+# LookupReply before ``pending`` and ServerStats before ``tiers`` (issue 11: the disk tier).
+class LookupReplyBeforePending(msgspec.Struct, tag="LookupReply", array_like=True):
+    req_id: int
+    hit_chunks: int
+    lease: int = 0
+    offsets: list[int] = []
+
+
+def test_pending_is_zero_from_an_old_server_and_ignored_by_an_old_client():
+    old = LookupReplyBeforePending(req_id=1, hit_chunks=2, lease=5, offsets=[0, 4096])
+    reply = p.decode_reply(msgspec.msgpack.encode(old))
+    assert isinstance(reply, p.LookupReply) and reply.pending == 0 and reply.offsets == [0, 4096]
+    new = p.LookupReply(req_id=1, hit_chunks=2, lease=5, offsets=[0, 4096], pending=3)
+    assert p.decode_reply(p.encode(new)) == new
+    assert msgspec.msgpack.decode(p.encode(new), type=LookupReplyBeforePending) == old
+
+
+def test_stats_without_tiers_decode_and_old_peers_ignore_them():
+    [stats] = [m.stats for m in samples() if isinstance(m, p.StatsReply)]  # with a disk tier
+    assert stats.tiers and stats.tiers[0].name == "disk"
+    as_map = msgspec.structs.asdict(stats)
+    as_map.pop("tiers")
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(as_map), type=p.ServerStats)
+    assert old.tiers == [] and old.lookups == stats.lookups
+    json_stats = msgspec.json.decode(msgspec.json.encode(stats), type=p.ServerStats)
+    assert json_stats == stats
+
+
 # Reserve before ``parent``, HelloReply before ``arena_identity`` (issue 10, faults 7 and 8).
 class OldReserve(msgspec.Struct, tag="Reserve", array_like=True):
     req_id: int
@@ -99,8 +127,12 @@ def samples() -> list[p.Message]:
     g = p.KVGeometry(num_layers=2, num_kv_heads=2, head_size_k=16, head_size_v=16, dtype="bfloat16",
                      block_size=16, num_planes=2, piece_bytes=2048, layout="layer_major:2x2048:test")
     key = bytes(range(16))
+    disk = p.TierStats("disk", {"path": "/var/cache/kvdepot", "write_policy": "write-back"},
+                       10**9, 8192, 1, 2, 3, 16, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+                       18, 1.5e9, "")
     stats = p.ServerStats("0.1.0", "b" * 32, 1.5, True, 1 << 30, 4096, (1 << 30) - 4096, 256, 1, 1, 1,
-                          2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, {"NO_SPACE": 2})
+                          2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, {"NO_SPACE": 2},
+                          [disk])
     return [
         p.Hello(req_id=1, protocol_version=1, engine_id="engine-a", pid=4242),
         p.Register(req_id=2, model="m", geometry=g, world_size=2, salt="tenant"),
@@ -116,7 +148,7 @@ def samples() -> list[p.Message]:
         p.Batch(req_id=12, ops=[p.Heartbeat(req_id=13), p.Commit(req_id=14, reservation=3)]),
         p.HelloReply(1, 1, "b" * 32, "0.1.0", "kvdepot", 1 << 30, 256, 1000, 10000, True),
         p.RegisterReply(req_id=2, namespace=1, namespace_digest=key, slot_bytes=65536, chunk_tokens=256),
-        p.LookupReply(req_id=3, hit_chunks=2, lease=5, offsets=[0, 65536]),
+        p.LookupReply(req_id=3, hit_chunks=2, lease=5, offsets=[0, 65536], pending=4),
         p.ReserveReply(req_id=4, reservation=6, status=[0, 1], offsets=[4096, -1]),
         p.CommitReply(req_id=5, committed=2),
         p.AcquireReply(req_id=7, lease=9, offsets=[8192]),
@@ -127,7 +159,10 @@ def samples() -> list[p.Message]:
     ]
 
 
-PINNED = {  # hex of each sample's frame, from the protocol before explicit tags (commit e0a4daa)
+# Hex of each sample's frame, from the protocol before explicit tags (commit e0a4daa); the
+# frames of LookupReply and StatsReply grew by the trailing fields of issue 11 (``pending``,
+# ``tiers``): every byte before them is what it was.
+PINNED = {
     "Hello": "95a548656c6c6f0101a8656e67696e652d61cd1092",
     "Register": (
         "96a8526567697374657202a16d89aa6e756d5f6c617965727302ac6e756d5f6b765f686561647302ab686561"
@@ -156,13 +191,14 @@ PINNED = {  # hex of each sample's frame, from the protocol before explicit tags
         "62626262a5302e312e30a76b766465706f74ce40000000cd0100cd03e8cd2710c3"
     ),
     "RegisterReply": "96ad52656769737465725265706c790201c410000102030405060708090a0b0c0d0e0fce00010000cd0100",
-    "LookupReply": "95ab4c6f6f6b75705265706c790302059200ce00010000",
+    # One more array item (0x95 -> 0x96): pending, 4.
+    "LookupReply": "96ab4c6f6f6b75705265706c790302059200ce00010000" "04",
     "ReserveReply": "95ac526573657276655265706c79040692000192cd1000ff",
     "CommitReply": "93ab436f6d6d69745265706c790502",
     "AcquireReply": "94ac416371756972655265706c79070991cd2000",
     "OkReply": "92a74f6b5265706c7908",
     "StatsReply": (
-        "93aa53746174735265706c790ade001ca776657273696f6ea5302e312e30a7626f6f745f6964d92062626262"
+        "93aa53746174735265706c790ade001da776657273696f6ea5302e312e30a7626f6f745f6964d92062626262"
         "62626262626262626262626262626262626262626262626262626262a8757074696d655f73cb3ff800000000"
         "0000a57265616479c3ab6172656e615f6279746573ce40000000aa757365645f6279746573cd1000aa667265"
         "655f6279746573ce3ffff000ac6368756e6b5f746f6b656e73cd0100a66368756e6b7301aa6e616d65737061"
@@ -173,6 +209,18 @@ PINNED = {  # hex of each sample's frame, from the protocol before explicit tags
         "b07265747269657665645f746f6b656e730daf7265747269657665645f62797465730eae657669637465645f"
         "6368756e6b730fae657870697265645f6c656173657310b4657870697265645f7265736572766174696f6e73"
         "11a66572726f727381a84e4f5f535041434502"
+        # One more map entry (0xde001c -> 0xde001d): tiers, one disk tier.
+        "a5746965727391de0019a46e616d65a46469736ba873657474696e677382a470617468b22f7661722f6361"
+        "6368652f6b766465706f74ac77726974655f706f6c696379aa77726974652d6261636bae636170616369"
+        "74795f6279746573ce3b9aca00aa757365645f6279746573cd2000a566696c657301ad77616974696e67"
+        "5f66696c657302b0636f706965735f696e5f666c6967687403ab71756575655f646570746810a6777269"
+        "74657304ad7772697474656e5f627974657305a5726561647306aa726561645f627974657307b1636865"
+        "636b73756d5f6661696c7572657308a96261645f66696c657309b274656d705f66696c65735f72656d6f"
+        "7665640aac77726974655f6572726f72730bab726561645f6572726f72730cae64726f707065645f7772"
+        "697465730dac6e6f745f61646d69747465640eb070726566657463685f737461727465640faf70726566"
+        "657463685f6c616e64656410b170726566657463685f74696d656f75747311b070726566657463685f73"
+        "6b697070656412b0726561645f62797465735f7065725f73cb41d65a0bc0000000aa6c6173745f657272"
+        "6f72a0"
     ),
     "ErrorReply": "94aa4572726f725265706c790b04a3626164",
     "BatchReply": "93aa42617463685265706c790c9292a74f6b5265706c790d94aa4572726f725265706c790e0aa4676f6e65",

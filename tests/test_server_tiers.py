@@ -21,7 +21,7 @@ from kvdepot.server.cache import CacheCore
 from kvdepot.server.effects import Delete, Demote, Prefetch
 from kvdepot.server.locations import RemoteKey
 from kvdepot.server.rpc import CacheServer
-from kvdepot.server.tiers import TierSpec
+from kvdepot.server.tiers import TierIO, TierSpec
 
 SLOT = 64 << 10
 
@@ -32,6 +32,7 @@ class MemoryTier:
 
     def __init__(self, delay_s: float):
         self.spec = TierSpec("memory", 64 * SLOT, 4, lambda ns, key, rank: RemoteKey(ns + key + bytes([rank])))
+        self.io = TierIO()
         self.delay_s = delay_s
         self.data: dict[RemoteKey, bytes] = {}
         self.finished: list[float] = []  # when each copy's I/O was done

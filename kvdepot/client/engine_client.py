@@ -83,6 +83,9 @@ class LookupResult:
     # With a lease and a hit: every rank's slot offset of every hit chunk, rank-major (see
     # protocol.LookupReply); empty without a lease or from a server that predates the field.
     offsets: list[int] = field(default_factory=list)
+    # Chunks after the hits the server is loading from a lower tier (disk) for this lookup,
+    # held by its lease: ask again for them; 0 from a server that predates the field.
+    pending: int = 0
 
     def rank_offsets(self, rank: int) -> list[int]:
         """Rank ``rank``'s slot offsets of the hit chunks, in prefix order; empty when the
@@ -444,7 +447,7 @@ class KVDepotClient:
             req_id = self._send(p.Lookup(req_id=0, namespace=ns.id, keys=b"".join(keys), lease_ms=lease_ms))
         return PendingReply(
             self, req_id, time.monotonic() + self.timeout_s,
-            lambda r: LookupResult(r.hit_chunks, r.lease, epoch, r.offsets),
+            lambda r: LookupResult(r.hit_chunks, r.lease, epoch, r.offsets, r.pending),
         )
 
     def reserve(

@@ -25,13 +25,14 @@ from kvdepot.protocol import KEY_BYTES, MAX_KEYS_PER_REQUEST, ErrorCode, KVGeome
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.effects import Completion, Effect
 from kvdepot.server.errors import CacheError
-from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo
+from kvdepot.server.index import ChunkEntry, ChunkIndex, NamespaceInfo, validate_geometry
 from kvdepot.server.leases import ExpiringTable, Lease, Reservation
 from kvdepot.server.locations import READABLE
 from kvdepot.server.placement import Placement
 from kvdepot.server.policies import EvictionPolicy, LRUPolicy
+from kvdepot.server.prefetching import PrefetchSettings
 from kvdepot.server.store import StorePath
-from kvdepot.server.tiers import TierSpec
+from kvdepot.server.tiers import StoredChunk, TierSpec
 
 log = logging.getLogger("kvdepot.server")
 
@@ -80,9 +81,11 @@ class CacheCore(StorePath):
         policy_factory: Callable[[], EvictionPolicy] = LRUPolicy,
         observer: CacheObserver | None = None,
         tiers: Sequence[TierSpec] = (),
+        prefetch: PrefetchSettings = PrefetchSettings(),
     ):
         """``tiers``: the books of the lower tiers, first to be written first; none: chunks
-        that leave the arena are gone."""
+        that leave the arena are gone. ``prefetch``: deadlines and the recompute estimate
+        of loads from them."""
         self.allocator = allocator
         self.chunk_tokens = chunk_tokens
         self.lease_ttl_s = lease_ttl_s
@@ -93,7 +96,9 @@ class CacheCore(StorePath):
         self.reservations: ExpiringTable[Reservation] = ExpiringTable()
         self.counters = CacheCounters()
         self.observer = observer or CacheObserver()
-        self.places = Placement(self.index, allocator, self.counters, policy_factory, tiers)
+        self.places = Placement(
+            self.index, allocator, self.counters, policy_factory, tiers, prefetch
+        )
 
     # --- effects and completions ------------------------------------------------------------
 
@@ -111,12 +116,20 @@ class CacheCore(StorePath):
         lower = self.places.lower
         return lower is not None and lower.complete(done)
 
+    def adopt(self, tier: str, found: Sequence[StoredChunk]) -> None:
+        """What tier ``tier`` found at start (its scan): chunks of a registered namespace
+        join the index now, the others when an engine registers theirs."""
+        lower = self.places.lower
+        if lower is None or tier not in lower.books:
+            raise ValueError(f"no lower tier {tier!r} to adopt chunks into")
+        lower.adopt(tier, found)
+
     # --- namespaces -------------------------------------------------------------------------
 
     def register(
         self, model: str, geometry: KVGeometry, world_size: int, salt: str
     ) -> NamespaceInfo:
-        _validate_geometry(geometry, self.chunk_tokens)
+        validate_geometry(geometry, self.chunk_tokens)
         if not model or len(model) > 512:
             raise CacheError(ErrorCode.BAD_REQUEST, "model name must be 1..512 characters")
         if not 1 <= world_size <= 1024:
@@ -146,6 +159,8 @@ class CacheCore(StorePath):
             chunk_tokens=self.chunk_tokens,
         )
         self.index.add_namespace(info)
+        if self.places.lower is not None:
+            self.places.lower.adopt_namespace(info)  # what a restarted tier found of it
         return info
 
     def _namespace(self, ns_id: int) -> NamespaceInfo:
@@ -178,11 +193,20 @@ class CacheCore(StorePath):
     def lookup(
         self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float
     ) -> tuple[int, int, list[int]]:
-        """(hit chunks, lease id or 0, offsets). With a lease and a hit, offsets holds every
-        rank's readable arena slot of every hit chunk, rank-major (``offsets[r * hits + i]``),
-        so the workers can load without an Acquire; otherwise it is empty. With a lease and
-        lower tiers, the chunks after the hits that a lower tier holds start loading into
-        the arena (a later lookup hits them)."""
+        """(hit chunks, lease id or 0, offsets): ``lookup_and_prefetch`` without the
+        pending count."""
+        return self.lookup_and_prefetch(session, ns_id, blob, lease_ms, now)[:3]  # type: ignore[return-value]
+
+    def lookup_and_prefetch(
+        self, session: bytes, ns_id: int, blob: bytes, lease_ms: int, now: float
+    ) -> tuple[int, int, list[int], int]:
+        """(hit chunks, lease id or 0, offsets, pending chunks). With a lease and a hit,
+        offsets holds every rank's readable arena slot of every hit chunk, rank-major
+        (``offsets[r * hits + i]``), so the workers can load without an Acquire; otherwise it
+        is empty. With a lease and lower tiers, the chunks after the hits that a lower tier
+        holds start loading into the arena: pending counts those after the hits on their
+        way (see prefetching.py), which the lease covers too (a lease is made for them when
+        nothing hit); a later lookup hits them once they landed."""
         # The hottest path (every scheduled request): no per-key allocations beyond the
         # 16-byte slice, no helper calls per key.
         ns = self._namespace(ns_id)
@@ -209,8 +233,18 @@ class CacheCore(StorePath):
             )
         else:
             self.places.eviction.touch(ns.slot_bytes, hits)
-        if lease_ms and self.places.lower is not None and len(hits) < len(keys):
-            self.places.lower.prefetch(ns, keys[len(hits):])
+        lower = self.places.lower
+        pending = 0
+        if lower is not None:
+            if lower.counts_hits and hits:
+                lower.count_hits(hits)
+            # A lease for the pending chunks must be possible before any load starts.
+            may_hold = lease_id or self.leases.count_of_session(session) < MAX_LEASES_PER_SESSION
+            if lease_ms and len(hits) < len(keys) and may_hold:
+                waiting = lower.prefetch(ns, keys[len(hits):], now)
+                if waiting:
+                    pending = len(waiting)
+                    lease_id = self._hold_pending(session, lease_id, waiting, now, ttl)
         n_keys = len(keys)
         n_hit, n_miss = len(hits), n_keys - len(hits)
         c = self.counters
@@ -219,7 +253,20 @@ class CacheCore(StorePath):
         c.miss_chunks += n_miss
         c.hit_tokens += n_hit * self.chunk_tokens
         c.miss_tokens += n_miss * self.chunk_tokens
-        return n_hit, lease_id, offsets
+        return n_hit, lease_id, offsets, pending
+
+    def _hold_pending(
+        self, session: bytes, lease_id: int, entries: list[ChunkEntry], now: float, ttl: float
+    ) -> int:
+        """Add a lookup's pending chunks to its lease (a new one when nothing hit)."""
+        if not lease_id:
+            lease_id = self._new_lease(session, [], now, ttl, rank=None, nbytes=0)
+        lease = self.leases.items[lease_id]
+        lease.loading = [e.key for e in entries]
+        for entry in entries:
+            entry.leases += 1
+        self.places.eviction.refresh_prefix(entries)
+        return lease_id
 
     def _new_lease(
         self, session: bytes, entries: list[ChunkEntry], now: float, ttl: float,
@@ -297,6 +344,13 @@ class CacheCore(StorePath):
         for entry in entries:
             entry.leases -= 1
         self.places.eviction.refresh_prefix(entries)
+        if lease.loading:
+            loading = [self.index.entries[k] for k in lease.loading]
+            for entry in loading:
+                entry.leases -= 1
+            self.places.eviction.refresh_prefix(loading)
+            for entry in loading:
+                self.places.remove_if_placeless(entry)  # its load failed while held
         if retrieved:
             # One chunk per key; nbytes covers what the lease handed out: one rank's slots for
             # an Acquire lease, every rank's for a Lookup lease.
@@ -343,19 +397,3 @@ class CacheCore(StorePath):
         from kvdepot.server.invariants import check_core
 
         check_core(self)
-
-
-def _validate_geometry(g: KVGeometry, chunk_tokens: int) -> None:
-    problems = []
-    if not 1 <= g.num_layers <= 4096:
-        problems.append("num_layers")
-    if not 1 <= g.num_kv_heads <= 4096 or g.head_size_k < 1 or g.head_size_v < 0:
-        problems.append("heads")
-    if g.block_size < 1 or chunk_tokens % g.block_size:
-        problems.append(f"block_size {g.block_size} must divide the chunk size {chunk_tokens}")
-    if not 1 <= g.num_planes <= 1 << 16 or not 1 <= g.piece_bytes <= 1 << 34:
-        problems.append("planes/piece_bytes")
-    if not g.dtype or len(g.dtype) > 64 or len(g.layout) > 256:
-        problems.append("dtype/layout")
-    if problems:
-        raise CacheError(ErrorCode.GEOMETRY_MISMATCH, "invalid KV geometry: " + ", ".join(problems))

@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass
 
 from kvdepot.server.policies import DEFAULT_POLICY, POLICY_CLASSES
+from kvdepot.server.prefetching import PrefetchSettings
 
 GB = 1_000_000_000
 MIB = 1 << 20
+WRITE_POLICIES = ("write-back", "write-through")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,16 @@ class ServerConfig:
     enable_admin_api: bool = False
     log_level: str = "INFO"
     eviction_policy: str = DEFAULT_POLICY
+    disk_path: str | None = None  # None: no disk tier
+    disk_size_gb: float = 0.0
+    disk_write_policy: str = "write-back"
+    disk_admit_hits: int = 0
+    disk_queue_depth: int = 16
+    prefetch: PrefetchSettings = PrefetchSettings()
+
+    @property
+    def disk_bytes(self) -> int:
+        return int(self.disk_size_gb * GB)
 
     @property
     def buffer_bytes(self) -> int:
@@ -83,6 +95,34 @@ def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
                     help="which evictable chunk goes first: lru (least recently used) or "
                          "s3fifo (scan-resistant: chunks read once go before chunks read "
                          "again) (default %(default)s)")
+    disk = ap.add_argument_group("disk tier (below the buffer; off unless --disk-path is given)")
+    disk.add_argument("--disk-path", default=None,
+                      help="directory of the disk tier's chunk files: an empty or new one, or "
+                           "a previous server's (its chunks are served again)")
+    disk.add_argument("--disk-size", type=float, default=None,
+                      help="GB (10^9 bytes) the disk tier may hold at most, headers and "
+                           "temporary files included (required with --disk-path)")
+    disk.add_argument("--disk-write-policy", default=d.disk_write_policy,
+                      choices=WRITE_POLICIES,
+                      help="write-back: a chunk is written when evicted from the buffer; "
+                           "write-through: as soon as it is stored (default %(default)s)")
+    disk.add_argument("--disk-admit-hits", type=int, default=d.disk_admit_hits,
+                      help="write only chunks that lookups hit this many times (default "
+                           "%(default)s: every chunk)")
+    disk.add_argument("--disk-queue-depth", type=int, default=d.disk_queue_depth,
+                      help="disk writes and loads in flight at once; a write that finds the "
+                           "queue full is dropped and counted (default %(default)s)")
+    p = d.prefetch
+    disk.add_argument("--prefetch-deadline-ms", type=float, default=p.deadline_base_s * 1000,
+                      help="a lookup's loads from disk count as misses after this many ms "
+                           "(default %(default)s) ...")
+    disk.add_argument("--prefetch-deadline-per-token-ms", type=float,
+                      default=p.deadline_per_token_s * 1000,
+                      help="... plus this many ms per token loaded (default %(default)s)")
+    disk.add_argument("--recompute-tokens-per-s", type=float, default=p.recompute_tokens_per_s,
+                      help="prefill speed an engine reaches at least: a load from disk "
+                           "expected to be slower than recomputing its tokens is not started "
+                           "(default %(default)s)")
     ap.add_argument("--log-level", default=os.environ.get("KVDEPOT_LOG_LEVEL", d.log_level),
                     help="DEBUG, INFO, WARNING or ERROR (env KVDEPOT_LOG_LEVEL; default INFO)")
     return ap
@@ -106,6 +146,20 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
     for name in ("lease_ttl", "reservation_ttl", "session_timeout"):
         if getattr(a, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if (a.disk_path is None) != (a.disk_size is None):
+        ap.error("--disk-path and --disk-size go together")
+    if a.disk_size is not None and a.disk_size <= 0:
+        ap.error("--disk-size must be positive")
+    if a.disk_admit_hits < 0 or a.disk_queue_depth < 1:
+        ap.error("--disk-admit-hits must be >= 0 and --disk-queue-depth >= 1")
+    try:
+        prefetch = PrefetchSettings(
+            deadline_base_s=a.prefetch_deadline_ms / 1000,
+            deadline_per_token_s=a.prefetch_deadline_per_token_ms / 1000,
+            recompute_tokens_per_s=a.recompute_tokens_per_s,
+        )
+    except ValueError as exc:
+        ap.error(f"prefetch settings: {exc}")
     return ServerConfig(
         host=a.host,
         port=a.port,
@@ -123,4 +177,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
         enable_admin_api=a.enable_admin_api,
         log_level=a.log_level.upper(),
         eviction_policy=a.eviction_policy,
+        disk_path=a.disk_path,
+        disk_size_gb=a.disk_size or 0.0,
+        disk_write_policy=a.disk_write_policy,
+        disk_admit_hits=a.disk_admit_hits,
+        disk_queue_depth=a.disk_queue_depth,
+        prefetch=prefetch,
     )

@@ -36,6 +36,9 @@ class Demote(msgspec.Struct, frozen=True, gc=False):
     source: ArenaSlot
     nbytes: int
     target: Where
+    # The key of the chunk before it in its chain (b"": a head, or not known), written beside
+    # the bytes so that a restarted server can link what it finds into chains again.
+    parent: bytes = b""
 
 
 class Prefetch(msgspec.Struct, frozen=True, gc=False):
@@ -76,11 +79,13 @@ class DemotionDone(msgspec.Struct, frozen=True, gc=False):
 
 
 class PrefetchDone(msgspec.Struct, frozen=True, gc=False):
-    """A Prefetch job ended: ``ok`` when the arena slot holds the whole, verified bytes."""
+    """A Prefetch job ended: ``ok`` when the arena slot holds the whole, verified bytes;
+    ``seconds``: how long the tier's read took (the core's estimate of the tier's speed)."""
 
     job: int
     ok: bool
     error: str = ""
+    seconds: float = 0.0
 
 
 Completion = Union[DemotionDone, PrefetchDone]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvdepot.protocol import KVGeometry
+from kvdepot.protocol import ErrorCode, KVGeometry
+from kvdepot.server.errors import CacheError
 from kvdepot.server.locations import Location, State
 
 READY, WRITING, COPYING_OUT = State.READY, State.WRITING, State.COPYING_OUT
@@ -49,8 +50,9 @@ class ChunkEntry:
     pending_ranks: int = 0  # WRITING
     loading_ranks: int = 0  # LOADING_IN
     copying_ranks: int = 0  # COPYING_OUT
-    leases: int = 0  # live leases covering this chunk
+    leases: int = 0  # live leases covering this chunk (hit, or loading for a lookup)
     pins: int = 0  # transient protection inside one request
+    hits: int = 0  # lookups that hit it (counted only for admission to a lower tier)
     # The chunk before this one in its chain, or None (a chain's head, or not known); only
     # trusted while it is itself in the index (see ChunkIndex.resident_parent).
     parent: ChunkEntry | None = field(default=None, repr=False, compare=False)
@@ -249,3 +251,19 @@ class ChunkIndex:
     def __len__(self) -> int:
         return len(self.entries)
 
+
+def validate_geometry(g: KVGeometry, chunk_tokens: int) -> None:
+    """CacheError GEOMETRY_MISMATCH unless a namespace of this geometry can be served."""
+    problems = []
+    if not 1 <= g.num_layers <= 4096:
+        problems.append("num_layers")
+    if not 1 <= g.num_kv_heads <= 4096 or g.head_size_k < 1 or g.head_size_v < 0:
+        problems.append("heads")
+    if g.block_size < 1 or chunk_tokens % g.block_size:
+        problems.append(f"block_size {g.block_size} must divide the chunk size {chunk_tokens}")
+    if not 1 <= g.num_planes <= 1 << 16 or not 1 <= g.piece_bytes <= 1 << 34:
+        problems.append("planes/piece_bytes")
+    if not g.dtype or len(g.dtype) > 64 or len(g.layout) > 256:
+        problems.append("dtype/layout")
+    if problems:
+        raise CacheError(ErrorCode.GEOMETRY_MISMATCH, "invalid KV geometry: " + ", ".join(problems))

@@ -22,7 +22,8 @@ def check_core(core: CacheCore) -> None:
     lower_used = dict.fromkeys(lower.books if lower else (), 0)
     for entry in core.index.entries.values():
         _check_counts(entry)
-        assert entry.in_arena or entry.lower, f"an entry with no place: {entry}"
+        # A lease keeps an entry whose load failed (no place left) until it ends.
+        assert entry.in_arena or entry.lower or entry.leases, f"an entry with no place: {entry}"
         assert entry.pins == 0, entry
         used += len(entry.offsets()) * core.allocator.size_class(entry.slot_bytes)
         for name, per_rank in (entry.lower or {}).items():
@@ -30,7 +31,7 @@ def check_core(core: CacheCore) -> None:
             for place in per_rank:
                 if place is not None:
                     assert place.tier == name and place.state is not State.WRITING, entry
-                    lower_used[name] += entry.slot_bytes
+                    lower_used[name] += lower.books[name].spec.footprint(entry.slot_bytes)
         _check_order(places.eviction, entry, entry.evictable if entry.in_arena else None)
         if lower is not None:
             for name, books in lower.books.items():
@@ -46,7 +47,7 @@ def check_core(core: CacheCore) -> None:
         assert keys == {
             k for k, e in core.index.entries.items() if e.namespace == ns_id and e.complete
         }
-    assert sum(len(lease.keys) for lease in core.leases.items.values()) == sum(
+    assert sum(len(lease.keys) + len(lease.loading) for lease in core.leases.items.values()) == sum(
         e.leases for e in core.index.entries.values()
     )
     for reservation in core.reservations.items.values():
@@ -98,10 +99,20 @@ def _check_jobs(core: CacheCore, lower_used: dict[str, int]) -> None:
         assert arena is not None and below is not None, (job, entry)
         if job.demote:
             assert (arena.state, below.state) == (State.COPYING_OUT, State.LOADING_IN), job
-            demoting[job.key] = demoting.get(job.key, 0) + 1
+            if job.evicting:
+                demoting[job.key] = demoting.get(job.key, 0) + 1
         else:
             assert (arena.state, below.state) == (State.LOADING_IN, State.COPYING_OUT), job
     assert demoting == lower.demoting
+    # Deadlines only of chunks loading now.
+    assert all(core.index.entries[k].loading_ranks for k in lower.deadlines), "a stale deadline"
+    waiting = {(digest, where) for digest, found in lower.waiting.items() for where in found}
+    for name, books in lower.books.items():
+        for where, chunk in books.orphans.items():
+            assert (chunk.namespace, where) in waiting and lower.waiting[chunk.namespace][where] == name
+            assert core.index.namespace_for_digest(chunk.namespace) is None, "adopt at Register"
+            lower_used[name] += books.spec.footprint(chunk.nbytes)
+    assert len(waiting) == sum(len(b.orphans) for b in lower.books.values())
     copies = sum(
         p is not None and p.state in (State.COPYING_OUT, State.LOADING_IN)
         for e in core.index.entries.values() for p in e.arena

@@ -20,6 +20,9 @@ class Lease:
     started_at: float
     rank: int | None  # None: a whole-chunk lease from Lookup; else a rank's Acquire
     nbytes: int = 0  # bytes it covers for reading: this rank's (Acquire) or every rank's (Lookup)
+    # A Lookup's pending chunks (loading from a lower tier for it): held in the arena for the
+    # engine that asks again, never counted as read.
+    loading: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)

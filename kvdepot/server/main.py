@@ -16,6 +16,7 @@ from kvdepot.server.http import HttpEndpoint
 from kvdepot.server.metrics import ServerMetrics
 from kvdepot.server.policies import policy_factory
 from kvdepot.server.rpc import CacheServer
+from kvdepot.server.tiers.disk import DiskTier
 
 log = logging.getLogger("kvdepot.server")
 
@@ -37,11 +38,39 @@ class LoggingObserver(CacheObserver):
             self.metrics.observe_retrieve(seconds, chunks, tokens, nbytes)
 
 
+def build_disk_tier(config: ServerConfig) -> DiskTier | None:
+    """The disk tier the flags ask for (None without --disk-path); ValueError when its
+    directory cannot be used."""
+    if config.disk_path is None:
+        return None
+    disk = DiskTier(
+        config.disk_path, config.disk_bytes, queue_depth=config.disk_queue_depth,
+        write_through=config.disk_write_policy == "write-through",
+        admit_hits=config.disk_admit_hits,
+    )
+    p = config.prefetch
+    disk.io.settings.update({
+        "queue_depth": str(config.disk_queue_depth),
+        "prefetch_deadline":
+            f"{p.deadline_base_s * 1000:g} ms + {p.deadline_per_token_s * 1000:g} ms per token",
+        "recompute_tokens_per_s": f"{p.recompute_tokens_per_s:g}",
+    })
+    log.info(
+        "Disk tier at %s: %s GB, %s%s, O_DIRECT %s, reads ~%.2f GB/s (probe)",
+        disk.root, _gb(config.disk_size_gb), config.disk_write_policy,
+        f", admitted after {config.disk_admit_hits} hits" if config.disk_admit_hits else "",
+        "on" if disk.direct else "off", disk.spec.read_bytes_per_s / 1e9,
+    )
+    return disk
+
+
 def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:
     group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
     arena = SharedArena(config.shm_name, config.buffer_bytes, mode=config.shm_mode, group=group)
     workers = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="kvdepot-worker")
+    disk = None
     try:
+        disk = build_disk_tier(config)
         metrics = ServerMetrics(lookup_totals_from_stats=True)
         core = CacheCore(
             SlabAllocator(config.buffer_bytes, config.slab_bytes),
@@ -50,7 +79,12 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             reservation_ttl_s=config.reservation_ttl_s,
             policy_factory=policy_factory(config.eviction_policy),
             observer=LoggingObserver(metrics),
+            tiers=[disk.spec] if disk is not None else (),
+            prefetch=config.prefetch,
         )
+        if disk is not None:
+            # Before any engine can register: its namespace then finds its chunks waiting.
+            core.adopt(disk.spec.name, list(disk.scan()))
         server = CacheServer(
             core,
             arena,
@@ -60,9 +94,12 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             session_timeout_s=config.session_timeout_s,
             metrics=metrics,
             executor=workers,
+            tiers={disk.spec.name: disk} if disk is not None else None,
         )
     except BaseException:
         workers.shutdown(wait=False)
+        if disk is not None:
+            disk.close()
         arena.close()
         raise
     log.info("Eviction policy: %s", config.eviction_policy)

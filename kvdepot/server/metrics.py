@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from kvdepot.protocol import Batch, ErrorCode, ServerStats, SingleRequest, wire_tag
+from kvdepot.server.tier_metrics import TierMetrics
 
 # Server-side lookups are an index walk: tens of microseconds, a millisecond when the RPC
 # thread is busy. The buckets span that range and a long tail for a stalled server.
@@ -233,6 +234,7 @@ class ServerMetrics:
         self._info = self._gauge(
             "kvdepot_server_info", "Server version and boot id.", ("version", "boot_id")
         )
+        self._tiers = TierMetrics(self.registry)  # storage tiers below the buffer
 
     # --- events, from the RPC thread --------------------------------------------------------
 
@@ -311,6 +313,8 @@ class ServerMetrics:
             self._last_expired_reservations = max(
                 self._last_expired_reservations, stats.expired_reservations
             )
+            for tier in stats.tiers:
+                self._tiers.update(tier)
 
     def _set_info(self, version: str, boot_id: str) -> None:
         labels = (version, boot_id)

@@ -20,6 +20,7 @@ from kvdepot.server.eviction import ChainEvictor
 from kvdepot.server.index import ChunkEntry, ChunkIndex
 from kvdepot.server.locations import ARENA, MAIN_ARENA, ArenaSlot, Location
 from kvdepot.server.policies import EvictionPolicy, LRUPolicy
+from kvdepot.server.prefetching import PrefetchSettings
 from kvdepot.server.tiering import LowerTiers
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class Placement:
         counters: CacheCounters,
         policy_factory: Callable[[], EvictionPolicy] = LRUPolicy,
         tiers: Sequence[TierSpec] = (),
+        prefetch: PrefetchSettings = PrefetchSettings(),
     ):
         self.index = index
         self.allocator = allocator  # the arena's (id MAIN_ARENA)
@@ -45,7 +47,7 @@ class Placement:
             evictable=attrgetter("evictable"), blocked=attrgetter("arena_children"),
         )
         self._refused: set[bytes] = set()  # victims kept during one allocation
-        self.lower = LowerTiers(self, tiers, policy_factory) if tiers else None
+        self.lower = LowerTiers(self, tiers, policy_factory, prefetch) if tiers else None
 
     # --- places -----------------------------------------------------------------------------
 
@@ -75,7 +77,9 @@ class Placement:
                 self.lower.childless(parent)
 
     def remove_if_placeless(self, entry: ChunkEntry) -> None:
-        if not entry.in_arena and not entry.lower:
+        """Take the entry out of the index if it has no place left and no lease (a lease on
+        a chunk whose load failed keeps the entry until it ends)."""
+        if not entry.in_arena and not entry.lower and not entry.leases:
             self.remove(entry)
 
     def drop_arena(self, entry: ChunkEntry) -> None:

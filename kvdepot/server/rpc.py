@@ -362,10 +362,14 @@ class CacheServer:
         )
 
     def _lookup(self, identity: bytes, req: p.Lookup, now: float) -> p.Reply:
-        hits, lease, offsets = self.core.lookup(identity, req.namespace, req.keys, req.lease_ms, now)
+        hits, lease, offsets, pending = self.core.lookup_and_prefetch(
+            identity, req.namespace, req.keys, req.lease_ms, now
+        )
         if self.metrics is not None:
             self.metrics.observe_lookup_latency(self.clock() - now)
-        return p.LookupReply(req_id=req.req_id, hit_chunks=hits, lease=lease, offsets=offsets)
+        return p.LookupReply(
+            req_id=req.req_id, hit_chunks=hits, lease=lease, offsets=offsets, pending=pending
+        )
 
     def _reserve(self, identity: bytes, req: p.Reserve, now: float) -> p.Reply:
         rid, status, offsets = self.core.reserve(
@@ -412,6 +416,7 @@ class CacheServer:
         return collect_stats(
             self.core, boot_id=self.boot_id, uptime_s=now - self.started_at,
             ready=self.arena.ready, engines_connected=len(self.sessions), errors=self._errors,
+            tiers=self.workers.tiers,
         )
 
     def _publish_snapshot(self, now: float) -> None:

@@ -132,6 +132,8 @@ class StorePath:
             places.place(entry, rank, entry.arena[rank].moved(State.READY))  # type: ignore[union-attr]
             committed.append(entry)
         places.eviction.refresh_prefix(committed)
+        if places.lower is not None:
+            places.lower.committed(committed)
         n = len(committed)
         ns = self.index.namespaces[reservation.namespace]
         nbytes = n * ns.slot_bytes
@@ -151,9 +153,8 @@ class StorePath:
         for key, _ in reservation.items:
             entry = self.index.entries[key]
             places.free(entry, rank)
-            if not entry.in_arena and not entry.lower:
-                # Chunks stored after it by later requests stay, unreachable until it is
-                # stored again: the engine that aborted re-plans its stores from the start.
-                places.remove(entry)
-            else:
+            # Chunks stored after it by later requests stay, unreachable until it is stored
+            # again: the engine that aborted re-plans its stores from the start.
+            places.remove_if_placeless(entry)
+            if entry.key in self.index.entries:
                 places.eviction.refresh(entry)

@@ -6,42 +6,66 @@ Pure, like the rest of the core: a copy between tiers is started by appending an
 the target LOADING_IN (unreadable, kept).
 
 - Write-back: a chunk chosen to leave the arena that no lower tier holds yet is demoted to the
-  first tier with room and a free queue slot; its arena slots go when the copy is done (if
-  nobody holds them then). Meanwhile the eviction goes on to the next victim, and a store
-  that finds nothing else to evict gets NO_SPACE: it never waits for a copy. When no tier can
-  take a victim (queues full), it is dropped as before and counted (``unwritten``), unless
-  chunks after it in its chain live only in a lower tier (then it stays: they need it).
-- Prefetch: a leased lookup whose hit prefix continues in a lower tier starts copies of those
-  chunks into fresh arena slots; a later lookup hits them once they landed.
-- Each tier has a byte cap and its own eviction (tails first, by the same policy as the
-  arena): a chunk leaves the index only when it has no place left.
+  first tier that admits it (``TierSpec.admit_hits``) with room and a free queue slot; its
+  arena slots go when the copy is done (if nobody holds them then). Meanwhile the eviction
+  goes on to the next victim, and a store that finds nothing else to evict gets NO_SPACE: it
+  never waits for a copy. When no tier can take a victim (queues full), it is dropped as
+  before and counted (``unwritten``, the tier's ``dropped_writes``), unless chunks after it in
+  its chain live only in a lower tier (then it stays: they need it).
+- Write-through (``TierSpec.write_through``): a chunk is also written as soon as it is
+  complete in the arena and admitted; a full queue skips it (counted; write-back may still
+  write it when it is evicted).
+- Prefetch (prefetching.py): a leased lookup whose hit prefix continues in a lower tier starts
+  copies of those chunks into fresh arena slots, answers them as pending until they land or
+  their deadline passes, and leases them for the engine that waits.
+- Chunks a tier found at start wait for their namespace (adoption.py).
+- Each tier has a byte cap (footprints: a file's header and padding count) and its own
+  eviction (tails first, by the same policy as the arena; chunks still waiting for their
+  namespace, the oldest, go first): a chunk leaves the index only when it has no place left.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvdepot.server.effects import Delete, Demote, DemotionDone, Evicted, Prefetch, PrefetchDone
+from kvdepot.server.adoption import Adoption
+from kvdepot.server.effects import Delete, Demote, DemotionDone, Evicted, PrefetchDone
 from kvdepot.server.eviction import ChainEvictor
-from kvdepot.server.index import ChunkEntry, NamespaceInfo
-from kvdepot.server.locations import ARENA, ArenaSlot, Location, State
+from kvdepot.server.index import ChunkEntry
+from kvdepot.server.locations import ARENA, Location, State, Where
 from kvdepot.server.policies import EvictionPolicy
+from kvdepot.server.prefetching import PrefetchPath, PrefetchSettings
 
 if TYPE_CHECKING:
     from kvdepot.server.placement import Placement
-    from kvdepot.server.tiers import TierSpec
+    from kvdepot.server.tiers import StoredChunk, TierSpec
 
-MAX_PREFETCH_CHUNKS = 64  # per lookup
+_SPEED_WEIGHT = 0.25  # of each measured read in the running estimate of a tier's read speed
+
+
+@dataclass
+class TierCounters:
+    dropped_writes: int = 0  # wanted, never started: the queue was full (or no room)
+    not_admitted: int = 0  # left the arena unwritten: too few hits
+    prefetch_started: int = 0  # chunks
+    prefetch_landed: int = 0
+    prefetch_timeouts: int = 0
+    prefetch_skipped: int = 0
 
 
 @dataclass
 class TierBooks:
     spec: TierSpec
     evictor: ChainEvictor
-    used_bytes: int = 0
+    used_bytes: int = 0  # footprints of its places and of the chunks waiting in it
     in_flight: int = 0  # copies to or from it
+    read_bytes_per_s: float = 0.0  # the expected load speed: the spec's, then measured
+    skipped_since_sample: int = 0
+    # Found at start, waiting for an engine to register their namespace; oldest first.
+    orphans: dict[Where, StoredChunk] = field(default_factory=dict)
+    counters: TierCounters = field(default_factory=TierCounters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +74,20 @@ class _Job:
     tier: str
     key: bytes
     rank: int
+    evicting: bool = False  # a demotion an arena eviction waits for (not write-through)
 
 
-class LowerTiers:
+class LowerTiers(PrefetchPath, Adoption):
     def __init__(
         self, placement: Placement, specs: Sequence[TierSpec],
-        policy_factory: Callable[[], EvictionPolicy],
+        policy_factory: Callable[[], EvictionPolicy], prefetch: PrefetchSettings,
     ):
         names = [s.name for s in specs]
         if ARENA in names or len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique and not {ARENA!r}: {names}")
         self.placement = placement
         self.index = placement.index
+        self.settings = prefetch
         self.books: dict[str, TierBooks] = {}
         for spec in specs:
             name = spec.name
@@ -70,12 +96,17 @@ class LowerTiers:
                 evictable=lambda e, name=name: _all_ready(e.places_in(name)),
                 # Its last place: a chunk after it in its chain, anywhere, needs it.
                 blocked=lambda e: e.children > 0 and not e.in_arena and len(e.lower or ()) <= 1,
-            ))
+            ), read_bytes_per_s=spec.read_bytes_per_s)
+        self._through = [b for b in self.books.values() if b.spec.write_through]
+        # Lookups count hits per chunk only when some tier admits by them.
+        self.counts_hits = any(s.admit_hits for s in specs)
         self.jobs: dict[int, _Job] = {}
         self._next_job = 1
-        self.demoting: dict[bytes, int] = {}  # key -> its demotion jobs in flight
+        self.demoting: dict[bytes, int] = {}  # key -> its evicting demotion jobs in flight
         # Chunks that left the arena unwritten: no tier could take them then (queues full).
         self.unwritten = 0
+        self.deadlines: dict[bytes, float] = {}  # loading for a lookup -> missed after this
+        self.waiting: dict[bytes, dict[Where, str]] = {}  # digest -> found chunk -> its tier
 
     # --- arena evictions --------------------------------------------------------------------
 
@@ -98,22 +129,67 @@ class LowerTiers:
             return True
         books = self._target(entry)
         if books is not None and self._make_room(books, self._missing_bytes(entry, books), entry):
-            self._demote(entry, books)
+            self._demote(entry, books, evicting=True)
             return False
         if entry.children == 0:
-            self.unwritten += 1
+            admitting = [b for b in self.books.values() if self._admits(b, entry)]
+            if admitting:
+                self.unwritten += 1
+                admitting[0].counters.dropped_writes += 1
+            else:
+                next(iter(self.books.values())).counters.not_admitted += 1
             placement.drop_arena(entry)
             return True
         return False
 
+    def committed(self, entries: list[ChunkEntry]) -> None:
+        """Chunks were just committed in the arena: write-through tiers take the complete
+        ones."""
+        if self._through:
+            for entry in entries:
+                self.write_through(entry)
+
+    def count_hits(self, keys: list[bytes]) -> None:
+        """A lookup hit these chunks (admission by hits); a write-through tier takes a chunk
+        the moment it is admitted."""
+        entries = self.index.entries
+        for key in keys:
+            entry = entries[key]
+            entry.hits += 1
+            for books in self._through:
+                if entry.hits == books.spec.admit_hits:
+                    self.write_through(entry)
+
+    def write_through(self, entry: ChunkEntry) -> None:
+        if not entry.complete or self.has_copy(entry):
+            return
+        for books in self._through:
+            if not self._admits(books, entry):
+                continue
+            missing = self._missing_bytes(entry, books)
+            if not missing:
+                return  # on its way already
+            if not self._fits_queue(entry, books) or not self._make_room(books, missing, entry):
+                books.counters.dropped_writes += 1
+                return
+            self._demote(entry, books, evicting=False)
+            return
+
+    def _admits(self, books: TierBooks, entry: ChunkEntry) -> bool:
+        # Chunks after it living only below make it worth its place whatever its hits.
+        return entry.hits >= books.spec.admit_hits or entry.children > 0
+
+    def _fits_queue(self, entry: ChunkEntry, books: TierBooks) -> bool:
+        ranks = len(self._missing_ranks(entry, books))
+        return (
+            books.in_flight + ranks <= books.spec.queue_depth
+            and ranks * books.spec.footprint(entry.slot_bytes) <= books.spec.capacity_bytes
+        )
+
     def _target(self, entry: ChunkEntry) -> TierBooks | None:
-        """The first tier that may take the entry's missing ranks now (queue and cap)."""
+        """The first tier that admits the entry and may take its missing ranks now."""
         for books in self.books.values():
-            ranks = len(self._missing_ranks(entry, books))
-            if (
-                books.in_flight + ranks <= books.spec.queue_depth
-                and ranks * entry.slot_bytes <= books.spec.capacity_bytes
-            ):
+            if self._admits(books, entry) and self._fits_queue(entry, books):
                 return books
         return None
 
@@ -122,106 +198,35 @@ class LowerTiers:
         return [r for r, p in enumerate(entry.arena) if p is not None and below[r] is None]
 
     def _missing_bytes(self, entry: ChunkEntry, books: TierBooks) -> int:
-        return len(self._missing_ranks(entry, books)) * entry.slot_bytes
+        return len(self._missing_ranks(entry, books)) * books.spec.footprint(entry.slot_bytes)
 
-    def _demote(self, entry: ChunkEntry, books: TierBooks) -> None:
+    def _demote(self, entry: ChunkEntry, books: TierBooks, evicting: bool) -> None:
         ns = self.index.namespaces[entry.namespace]
         name = books.spec.name
+        parent = self.index.resident_parent(entry)
+        parent_key = b"" if parent is None else parent.key
+        footprint = books.spec.footprint(entry.slot_bytes)
         for rank in self._missing_ranks(entry, books):
-            source = entry.arena[rank]
+            source = _moved(entry.arena[rank], State.COPYING_OUT)
             target = books.spec.locate(ns.digest, entry.key, rank)
-            self.placement.place(entry, rank, _moved(source, State.COPYING_OUT))
+            self.placement.place(entry, rank, source)
             self.index.place_lower(entry, name, rank, Location(name, target, State.LOADING_IN))
-            books.used_bytes += entry.slot_bytes
-            job = self._start(_Job(True, name, entry.key, rank), books)
+            books.used_bytes += footprint
+            job = self._start(_Job(True, name, entry.key, rank, evicting), books)
             self.placement.effects.append(Demote(
-                job, name, ns.digest, entry.key, rank, _moved(source, State.COPYING_OUT).where,
-                entry.slot_bytes, target,
+                job, name, ns.digest, entry.key, rank, source.where, entry.slot_bytes, target,
+                parent_key,
             ))
-            self.demoting[entry.key] = self.demoting.get(entry.key, 0) + 1
+            if evicting:
+                self.demoting[entry.key] = self.demoting.get(entry.key, 0) + 1
         books.evictor.refresh(entry)
-
-    # --- prefetch ---------------------------------------------------------------------------
-
-    def prefetch(self, ns: NamespaceInfo, keys: list[bytes]) -> int:
-        """Start copies into the arena of the chunks after a lookup's hits (``keys``, in
-        prefix order) that lower tiers hold, up to the first that none does; how many
-        chunks are on their way."""
-        placement, entries = self.placement, self.index.entries
-        started = 0
-        for key in keys[:MAX_PREFETCH_CHUNKS]:
-            entry = entries.get(key)
-            if entry is None or entry.namespace != ns.id:
-                break
-            sources = []
-            for rank, place in enumerate(entry.arena):
-                if place is None:
-                    books = self._source(entry, rank)
-                    if books is None:
-                        return started
-                    sources.append((rank, books))
-            if not sources:
-                continue  # in the arena already, or on its way
-            if any(
-                b.in_flight + sum(x is b for _, x in sources) > b.spec.queue_depth
-                for _, b in sources
-            ):
-                break
-            # Our allocations may evict: not the ranks it has in the arena (pinned), nor the
-            # copies we read (COPYING_OUT from here on).
-            entry.pins += 1
-            placement.eviction.refresh(entry)
-            for rank, books in sources:
-                self._mark_source(entry, rank, books, State.COPYING_OUT)
-            slots = []
-            for _ in sources:
-                slot = placement.allocate(entry.slot_bytes)
-                if slot is None:
-                    break
-                slots.append(slot)
-            entry.pins -= 1
-            over = any(  # demotions our evictions started took the queue slots
-                b.in_flight + sum(x is b for _, x in sources) > b.spec.queue_depth
-                for _, b in sources
-            )
-            if len(slots) < len(sources) or over:
-                for slot in slots:
-                    placement.allocator.free(slot.offset)
-                for rank, books in sources:
-                    self._mark_source(entry, rank, books, State.READY)
-                placement.eviction.refresh(entry)
-                break
-            for (rank, books), slot in zip(sources, slots):
-                self._prefetch(ns, entry, rank, books, slot)
-            placement.eviction.refresh(entry)
-            started += 1
-        return started
-
-    def _mark_source(self, entry: ChunkEntry, rank: int, books: TierBooks, state: State) -> None:
-        name = books.spec.name
-        self.index.place_lower(entry, name, rank, _moved(entry.places_in(name)[rank], state))
-        books.evictor.refresh(entry)
-
-    def _source(self, entry: ChunkEntry, rank: int) -> TierBooks | None:
-        for books in self.books.values():
-            place = entry.places_in(books.spec.name)[rank]
-            if place is not None and place.state is State.READY:
-                return books
-        return None
-
-    def _prefetch(
-        self, ns: NamespaceInfo, entry: ChunkEntry, rank: int, books: TierBooks, slot: ArenaSlot
-    ) -> None:
-        name = books.spec.name
-        source = _moved(entry.places_in(name)[rank], State.COPYING_OUT)  # it is already
-        self.placement.place(entry, rank, Location(ARENA, slot, State.LOADING_IN))
-        job = self._start(_Job(False, name, entry.key, rank), books)
-        self.placement.effects.append(Prefetch(
-            job, name, ns.digest, entry.key, rank, source.where, slot, entry.slot_bytes,
-        ))
-        books.evictor.refresh(entry)
+        if not evicting:
+            self.placement.eviction.refresh(entry)  # being copied: it stays until done
 
     # --- completions ------------------------------------------------------------------------
+
+    def _start_load(self, books: TierBooks, key: bytes, rank: int) -> int:
+        return self._start(_Job(False, books.spec.name, key, rank), books)
 
     def _start(self, job: _Job, books: TierBooks) -> int:
         job_id = self._next_job
@@ -243,7 +248,7 @@ class LowerTiers:
         if job.demote:
             self._demotion_done(entry, job, books, done.ok)
         else:
-            self._prefetch_done(entry, job, books, done.ok)
+            self._prefetch_done(entry, job, books, done)  # type: ignore[arg-type]
         return True
 
     def _demotion_done(self, entry: ChunkEntry, job: _Job, books: TierBooks, ok: bool) -> None:
@@ -254,8 +259,11 @@ class LowerTiers:
             self.index.place_lower(entry, job.tier, rank, _moved(target, State.READY))
         else:
             self.index.place_lower(entry, job.tier, rank, None)
-            books.used_bytes -= entry.slot_bytes
+            books.used_bytes -= books.spec.footprint(entry.slot_bytes)
         self._refresh_below(books, entry)
+        if not job.evicting:
+            placement.eviction.refresh(entry)  # written through: evictable again
+            return
         left = self.demoting[entry.key] - 1
         if left:
             self.demoting[entry.key] = left
@@ -270,17 +278,26 @@ class LowerTiers:
         else:
             placement.eviction.refresh(entry)
 
-    def _prefetch_done(self, entry: ChunkEntry, job: _Job, books: TierBooks, ok: bool) -> None:
+    def _prefetch_done(
+        self, entry: ChunkEntry, job: _Job, books: TierBooks, done: PrefetchDone
+    ) -> None:
         placement, rank = self.placement, job.rank
         source = entry.places_in(job.tier)[rank]
-        if ok:
+        if done.ok:
             placement.place(entry, rank, _moved(entry.arena[rank], State.READY))
             self.index.place_lower(entry, job.tier, rank, _moved(source, State.READY))
+            if done.seconds > 0:
+                measured = entry.slot_bytes / done.seconds
+                books.read_bytes_per_s += _SPEED_WEIGHT * (measured - books.read_bytes_per_s)
         else:
             # The tier found its copy unreadable and dropped it; the slot's bytes are junk.
             placement.free(entry, rank)
             self.index.place_lower(entry, job.tier, rank, None)
-            books.used_bytes -= entry.slot_bytes
+            books.used_bytes -= books.spec.footprint(entry.slot_bytes)
+        if not entry.loading_ranks:
+            self.deadlines.pop(entry.key, None)
+            if entry.complete:
+                books.counters.prefetch_landed += 1
         self._refresh_below(books, entry)
         placement.eviction.refresh(entry)
         placement.remove_if_placeless(entry)
@@ -294,8 +311,12 @@ class LowerTiers:
     # --- the tiers' own evictions -----------------------------------------------------------
 
     def _make_room(self, books: TierBooks, nbytes: int, keep: ChunkEntry) -> bool:
-        """Evict from the tier until ``nbytes`` more fit (never ``keep``)."""
+        """Evict from the tier until ``nbytes`` more fit (never ``keep``): chunks waiting for
+        their namespace first (the oldest), then chain tails by the policy."""
         while books.used_bytes + nbytes > books.spec.capacity_bytes:
+            if books.orphans:
+                self._drop_orphan(books, next(iter(books.orphans.values())))
+                continue
             victim = None
             for policy in books.evictor.policies.values():
                 victim = books.evictor.victim(policy, lambda e: e is keep)
@@ -309,14 +330,22 @@ class LowerTiers:
     def _drop(self, books: TierBooks, entry: ChunkEntry) -> None:
         name = books.spec.name
         digest = self.index.namespaces[entry.namespace].digest
+        footprint = books.spec.footprint(entry.slot_bytes)
         books.evictor.forget(entry)
         for rank, place in enumerate(entry.places_in(name)):
             if place is not None:
                 self.placement.effects.append(Delete(name, digest, entry.key, rank, place.where))
                 self.index.place_lower(entry, name, rank, None)
-                books.used_bytes -= entry.slot_bytes
+                books.used_bytes -= footprint
         self.placement.effects.append(Evicted(name, entry.key))
         self.placement.remove_if_placeless(entry)
+
+    def _drop_found(self, books: TierBooks, chunk: StoredChunk) -> None:
+        """Delete a chunk's file the tier found at start that the index never took."""
+        books.used_bytes -= books.spec.footprint(chunk.nbytes)
+        self.placement.effects.append(
+            Delete(books.spec.name, chunk.namespace, chunk.key, chunk.rank, chunk.where)
+        )
 
     def childless(self, entry: ChunkEntry) -> None:
         """The entry's last child left the index."""
@@ -329,9 +358,13 @@ class LowerTiers:
             books.evictor.forget(entry)
 
     def clear(self) -> int:
-        """Drop every chunk nobody holds from every tier; how many places went."""
+        """Drop every chunk nobody holds from every tier, and every chunk waiting for its
+        namespace; how many places went."""
         dropped = 0
         for books in self.books.values():
+            for chunk in list(books.orphans.values()):
+                self._drop_orphan(books, chunk)
+                dropped += 1
             for policy in list(books.evictor.policies.values()):
                 while (victim := books.evictor.victim(policy)) is not None:
                     self._drop(books, victim)

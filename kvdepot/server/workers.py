@@ -5,6 +5,10 @@ Copies and deletes run on the worker pool (the one that touches the arena's page
 each copy's completion is posted to ``Completions``, which wakes the RPC loop at once through
 an in-process connection to its ROUTER socket; the RPC thread then applies it to the core.
 Workers never touch the core.
+
+Loads and deletes go before writes: a load is what an engine waits for, and a delete makes
+the room a queued write needs. Each effect adds one task to the pool, which runs whichever
+job is first by that order when a thread takes it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 
@@ -92,6 +98,10 @@ class TierWorkers:
         self.tiers = dict(tiers)
         self.arena_view = arena_view
         self.on_evicted = on_evicted
+        # (run, effect) to do: loads and deletes, then writes. Appended by the RPC thread,
+        # taken by the pool's threads (deque's append and popleft are atomic).
+        self._first: deque[tuple[Callable, Effect]] = deque()
+        self._then: deque[tuple[Callable, Effect]] = deque()
 
     def start(self, effects: list[Effect]) -> None:
         """Carry out the core's effects, in order; RPC thread (never blocks on I/O)."""
@@ -101,23 +111,35 @@ class TierWorkers:
             if kind is Evicted:
                 evicted[effect.tier] = evicted.get(effect.tier, 0) + 1  # type: ignore[union-attr]
             elif kind is Demote:
-                self._submit(self._demote, effect, DemotionDone)
+                self._submit(self._then, self._demote, effect, DemotionDone)
             elif kind is Prefetch:
-                self._submit(self._prefetch, effect, PrefetchDone)
+                self._submit(self._first, self._prefetch, effect, PrefetchDone)
             elif kind is Delete:
-                self._submit(self._delete, effect, None)
+                self._submit(self._first, self._delete, effect, None)
             else:
                 raise TypeError(f"unknown effect {effect!r}")
         if self.on_evicted is not None:
             for tier, n in evicted.items():
                 self.on_evicted(tier, n)
 
-    def _submit(self, run: Callable, effect: Effect, done: type | None) -> None:
+    def _submit(self, jobs: deque, run: Callable, effect: Effect, done: type | None) -> None:
+        jobs.append((run, effect))
         try:
-            self.executor.submit(run, effect)
-        except RuntimeError as exc:  # shutting down: the copy never starts
+            self.executor.submit(self._run_next)
+        except RuntimeError as exc:  # shutting down: one queued job never starts
+            try:
+                _, effect = jobs.pop()  # ours, unless a thread took it (then it runs)
+            except IndexError:
+                return
             if done is not None:
                 self.completions.post(done(effect.job, False, f"not started: {exc}"))  # type: ignore[union-attr]
+
+    def _run_next(self) -> None:
+        try:
+            run, effect = self._first.popleft()
+        except IndexError:
+            run, effect = self._then.popleft()  # one task per job: there is one
+        run(effect)
 
     def _demote(self, job: Demote) -> None:
         tier = self.tiers.get(job.tier)
@@ -128,8 +150,9 @@ class TierWorkers:
     def _prefetch(self, job: Prefetch) -> None:
         tier = self.tiers.get(job.tier)
         read = None if tier is None else (lambda view: tier.read(job, view))
+        started = time.perf_counter()
         ok, error = self._copy(read, job.target.offset, job.nbytes)
-        self.completions.post(PrefetchDone(job.job, ok, error))
+        self.completions.post(PrefetchDone(job.job, ok, error, time.perf_counter() - started))
 
     def _delete(self, job: Delete) -> None:
         try:

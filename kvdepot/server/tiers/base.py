@@ -19,7 +19,7 @@ loop do not change.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvdepot.server.effects import Delete, Demote, Prefetch
@@ -30,15 +30,31 @@ class TierError(Exception):
     """A tier's I/O failed (full, unreadable, checksum mismatch)."""
 
 
+def _payload_only(nbytes: int) -> int:
+    return nbytes
+
+
 @dataclass(frozen=True)
 class TierSpec:
     """The tier's books, as the core keeps them."""
 
     name: str  # the Location.tier of its places; unique, never "arena"
-    capacity_bytes: int  # the core never places more than this many payload bytes there
+    capacity_bytes: int  # the core never places more than this many bytes there (footprints)
     queue_depth: int  # copies to or from it in flight at once; more are not started
-    # Where one rank's bytes of a chunk go: (namespace digest, key, rank) -> place. Pure.
+    # Where one rank's bytes of a chunk go: (namespace digest, key, rank) -> place. Called on
+    # the RPC thread only, once per write: a tier may name every write's place anew.
     locate: Callable[[bytes, bytes, int], Where]
+    # What a chunk rank of ``nbytes`` payload takes in the tier (a file's header, padding).
+    footprint: Callable[[int], int] = _payload_only
+    # Write every chunk as soon as it is complete in the arena (and admitted), not only when
+    # it is evicted from it.
+    write_through: bool = False
+    # A chunk is written only once lookups have hit it this many times (0: every chunk);
+    # a chunk whose later chunks live only in the tier is written whatever its hits.
+    admit_hits: int = 0
+    # The first estimate of how fast loads from the tier run (the core then follows its
+    # measured reads): a load slower than recomputing its tokens is not started.
+    read_bytes_per_s: float = 1e9
 
 
 @dataclass(frozen=True)
@@ -47,14 +63,36 @@ class StoredChunk:
 
     namespace: bytes  # digest
     key: bytes
+    parent: bytes  # the chunk before it in its chain; b"" for a head
     rank: int
     nbytes: int
     where: Where
     last_used: float  # seconds since the epoch (file times): the order of re-adoption
 
 
+@dataclass
+class TierIO:
+    """What a tier's I/O did, kept by the tier on the worker threads and read by the stats
+    snapshot on the RPC thread (plain ints: a reader may see a count one update behind)."""
+
+    settings: dict[str, str] = field(default_factory=dict)  # shown as they are in status
+    used_bytes: int = 0  # on the medium now
+    files: int = 0
+    writes: int = 0
+    written_bytes: int = 0
+    reads: int = 0
+    read_bytes: int = 0
+    checksum_failures: int = 0
+    bad_files: int = 0
+    temp_files_removed: int = 0
+    write_errors: int = 0
+    read_errors: int = 0
+    last_error: str = ""
+
+
 class Tier(Protocol):
     spec: TierSpec
+    io: TierIO
 
     def write(self, job: Demote, source: memoryview) -> None:
         """Store ``source`` (the chunk rank's ``job.nbytes`` arena bytes) at ``job.target``."""
