@@ -80,6 +80,11 @@ class CacheServer:
         self._socket.setsockopt(zmq.SNDHWM, 100000)
         self._socket.setsockopt(zmq.RCVHWM, 100000)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES * 4)
+        # The completions' pipe first: it takes its fixed routing id before any TCP peer can
+        # connect (a peer claiming that id later is refused by the ROUTER).
+        wake_address = f"inproc://kvdepot-rpc-{id(self):x}"
+        self._socket.bind(wake_address)
+        self.completions = Completions(self._ctx, wake_address)
         host_addr = "127.0.0.1" if host == "localhost" else host
         if host_addr == "0.0.0.0":
             host_addr = "*"
@@ -90,9 +95,6 @@ class CacheServer:
         self.port = port
         self.endpoint = f"tcp://{host}:{port}"
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        wake_address = f"inproc://kvdepot-rpc-{id(self):x}"
-        self._socket.bind(wake_address)
-        self.completions = Completions(self._ctx, wake_address)
         self._own_executor = executor is None
         self.workers = TierWorkers(
             executor or ThreadPoolExecutor(1, thread_name_prefix="kvdepot-worker"),

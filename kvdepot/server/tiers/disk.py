@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 from itertools import count
+from stat import S_ISREG
 
 import crc32c
 
@@ -178,13 +179,13 @@ class DiskTier:
         removed: dict[str, int] = {}
         for rel in self._listing():
             if rel.endswith(TEMP_SUFFIX):
-                _unlink(self._path(rel))
+                _remove_stray(self._path(rel))
                 self.io.temp_files_removed += 1
                 continue
             try:
                 chunk, size = self._inspect(rel)
             except (BadFile, OSError) as exc:
-                _unlink(self._path(rel))
+                _remove_stray(self._path(rel))
                 self.io.bad_files += 1
                 removed[str(exc)] = removed.get(str(exc), 0) + 1
                 continue
@@ -224,7 +225,7 @@ class DiskTier:
         for sub in ("", *(f"{i:02x}" for i in range(256))):
             try:
                 names = os.listdir(os.path.join(self.root, sub))
-            except FileNotFoundError:
+            except OSError:  # missing, or not a directory (_claim refused that already)
                 continue
             for name in names:
                 if name.endswith((SUFFIX, TEMP_SUFFIX)):
@@ -232,12 +233,16 @@ class DiskTier:
 
     def _inspect(self, rel: str) -> tuple[StoredChunk, int]:
         path = self._path(rel)
-        with open(path, "rb", buffering=0) as f:
+        # Never follow a link nor block on a FIFO or a device: only our own regular files.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as f:
             stat = os.fstat(f.fileno())
+            if not S_ISREG(stat.st_mode):
+                raise BadFile("not a regular file")
             header = unpack(f.read(HEADER_BYTES))
         need = footprint(header.payload_bytes)
-        if stat.st_size < need:
-            raise BadFile("short file")
+        if stat.st_size != need:  # longer would pass the cap unseen; shorter is torn
+            raise BadFile("short file" if stat.st_size < need else "longer than its header says")
         return StoredChunk(
             header.namespace, header.key, header.parent, header.rank, header.payload_bytes,
             FileRef(rel), stat.st_mtime,
@@ -276,8 +281,11 @@ class DiskTier:
         OSError when the directory takes no file at all; a disk too full for the probe
         starts with the default speed (writes then fail and say why)."""
         path = os.path.join(self.root, ".probe" + TEMP_SUFFIX)
-        buf = mmap.mmap(-1, _PROBE_BYTES)  # page-aligned, as O_DIRECT needs
-        buf.write(os.urandom(_PROBE_BYTES))
+        size = min(_PROBE_BYTES, self.capacity_bytes // BLOCK * BLOCK)  # never past the cap
+        if size < BLOCK:
+            return bool(_O_DIRECT), _DEFAULT_READ_BPS  # writes fall back per file if need be
+        buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+        buf.write(os.urandom(size))
         direct = bool(_O_DIRECT)
         try:
             while True:
@@ -303,7 +311,7 @@ class DiskTier:
             try:
                 started = time.perf_counter()
                 move_all(fd, [memoryview(buf)], write=False)
-                return direct, _PROBE_BYTES / max(time.perf_counter() - started, 1e-6)
+                return direct, size / max(time.perf_counter() - started, 1e-6)
             finally:
                 os.close(fd)
         finally:
@@ -370,7 +378,11 @@ def _claim(root: str) -> int:
         os.close(fd)
         raise ValueError(f"another kvdepot server uses the disk tier at {root}") from None
     for i in range(256):
-        os.makedirs(os.path.join(root, f"{i:02x}"), exist_ok=True)
+        sub = os.path.join(root, f"{i:02x}")
+        if os.path.lexists(sub) and not os.path.isdir(sub):
+            os.close(fd)
+            raise ValueError(f"{sub} is in the disk tier's place for chunk files: remove it")
+        os.makedirs(sub, exist_ok=True)
     return fd
 
 
@@ -379,3 +391,14 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _remove_stray(path: str) -> None:
+    """Remove what the start-up scan cannot serve; what cannot be removed (a directory named
+    like a chunk file, a file of another owner) is left alone and logged, never fatal."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("Disk tier: cannot remove %s (%s); left alone", path, exc)
