@@ -1,6 +1,6 @@
 """The disk tier against a hostile directory and a tight cap: what a review found (BUG-n in
-the names), kept as regression tests. Real directories, real files, real processes; the helpers of test_disk_tier.py write
-and read chunk files exactly as the server's workers do.
+the names), kept as regression tests. Real directories, real files, real processes; the
+helpers of test_disk_tier.py write and read chunk files exactly as the server's workers do.
 """
 
 from __future__ import annotations
