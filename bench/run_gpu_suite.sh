@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call (device time is scarce): GPU tests, then
-# benchmarks. Needs the slim vLLM bundle in .vllmslim/carry (../shared/tools/vllm-gpu/build.sh).
+# benchmarks. Needs the slim vLLM bundle in .vllmslim/carry, built by
+# ../shared/tools/vllm-gpu/build.sh with EXTRA_WHEELS="crc32c==2.9.post0 blake3==1.0.11"
+# (the server imports crc32c, the connector blake3; the GPU image has neither) until build.sh
+# carries them.
 #
-#   bash bench/run_gpu_suite.sh OUT_DIR [tests] [e2e] [transfer] [trace] [ttft] [ttft-trace]
+#   bash bench/run_gpu_suite.sh OUT_DIR [tests] [e2e] [transfer] [trace] [ttft] [ttft-trace] [ttft-disk]
 #
-# Each stage has its own time limit, so one that hangs cannot cost the others' results. OUT_DIR
+# Each stage has its own time limit, so one that hangs cannot cost the others' results; with
+# SUITE_DEADLINE_S set, no stage runs past that many seconds from the start (keep it under the
+# device call's limit, so that the logs still come back). OUT_DIR
 # gets few files (the device tool returns at most 8): stages.txt, the benchmarks' JSON and
 # logs.tgz with every log (engines, server, pytest).
 set -u
@@ -18,9 +23,17 @@ source .vllmslim/carry/setup.sh
 export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1
 
+deadline=${SUITE_DEADLINE_S:-0}
 stage() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
+  if ((deadline > 0)); then
+    ((limit > deadline - SECONDS)) && limit=$((deadline - SECONDS))
+    if ((limit < 20)); then
+      echo "stage $name: skipped, $limit s left before the deadline" | tee -a "$out/stages.txt"
+      return
+    fi
+  fi
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "stage $name: exit $? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
@@ -44,6 +57,11 @@ for s in $stages; do
     ttft-trace) stage vllm_gpu_ttft_trace 300 python3 bench/vllm_gpu_ttft.py --repeat 3 \
             --buffer-gb 60 --modes kvdepot-store kvdepot-load kvdepot-load-trace \
             --out "$out/vllm_gpu_ttft_trace.json" ;;
+    ttft-disk) stage vllm_gpu_ttft_disk 480 python3 bench/vllm_gpu_ttft.py --repeat 3 \
+            --lengths 8192 32768 --buffer-gb 36 --disk-size 32 \
+            --modes kvdepot-store kvdepot-load kvdepot-disk --out "$out/vllm_gpu_ttft_disk.json"
+        grep -E "^ +[0-9]+ |: disk hit|: kvdepot hit|disk tier at|raw .* I/O|page cache" \
+            "$out/vllm_gpu_ttft_disk.log" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

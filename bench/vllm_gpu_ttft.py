@@ -9,10 +9,17 @@ dummy weights: fine for timing). In one run, for each prompt length:
   the connector's default load_mode "auto" an idle engine loads synchronously (the copy is
   stream-ordered before the request's forward); mode kvdepot-load-async forces the
   asynchronous path a busy engine takes (the request waits a step for the copy);
+- kvdepot disk hit (mode kvdepot-disk, last): the server runs with a disk tier on the local
+  disk (write-through); after the other modes it is stopped (SIGTERM) and restarted on the
+  same directory with an empty buffer, the page cache is dropped, and a fresh engine's prompts
+  come from disk (the server reads the chunk files into its buffer while the connector
+  answers vLLM "ask again"). The disk's floor: the prompt's bytes over the raw O_DIRECT read
+  rate of chunk-sized files on the same filesystem, measured at the start of the run;
 - OffloadingConnector hit: vLLM's own CPU offloading, same prompt after a prefix-cache reset;
 - the pinned-copy ceiling: bytes of the prompt's KV over the measured host->GPU pinned rate.
 Each TTFT is the wall time of generate(max_tokens=1), median of --repeat runs on distinct
-prompts of the same length.
+prompts of the same length. The JSON is rewritten after each engine (a run cut short keeps
+what it measured).
 
     source .vllmslim/carry/setup.sh && python3 bench/vllm_gpu_ttft.py --out $OUT/vllm_gpu_ttft.json
 """
@@ -20,6 +27,7 @@ prompts of the same length.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -89,6 +97,8 @@ def engine_main(args: argparse.Namespace) -> None:
         if args.mode == "kvdepot-load-async":  # the load path a busy engine takes
             kw["kv_transfer_config"]["kv_connector_extra_config"]["kvdepot.load_mode"] = "async"
             args.mode = "kvdepot-load"
+        if args.mode == "kvdepot-disk":  # ask again until the whole prompt is up from disk
+            kw["kv_transfer_config"]["kv_connector_extra_config"]["kvdepot.pending_wait_ms"] = args.pending_wait_ms
     elif args.mode == "offload":
         kw["kv_transfer_config"] = {
             "kv_connector": "OffloadingConnector",
@@ -134,6 +144,8 @@ def engine_main(args: argparse.Namespace) -> None:
                     print(f"TRACE {length} tokens, repeat {r}:", flush=True)
                     for t, name, dur in trace:
                         print(f"TRACE   +{(t - t0) * 1e3:7.2f} ms  {name:<32} {dur * 1e3:7.2f} ms", flush=True)
+            elif args.mode == "kvdepot-disk":
+                results.setdefault(f"kvdepot_disk_hit_{length}", []).append(ttft(tokens))
             elif args.mode == "offload":
                 ttft(tokens)
                 for _ in range(50):  # the connector may still hold blocks of the last request
@@ -203,6 +215,7 @@ def run_engine(mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "engine", "--mode", mode, "--model-dir", args.model_dir,
            "--port", str(args.port), "--repeat", str(args.repeat), "--gpu-util", str(args.gpu_util),
            "--max-len", str(args.max_len), "--max-batched", str(args.max_batched),
+           "--pending-wait-ms", str(args.pending_wait_ms),
            "--lengths", *map(str, args.lengths)] + (["--trace"] if args.trace else [])
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
@@ -219,6 +232,121 @@ def run_engine(mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
             return json.loads(line[7:])
     tail = log_path.read_text()[-3000:]
     raise RuntimeError(f"engine {mode} gave no result (exit {proc.returncode}):\n{tail}")
+
+
+CHUNK_TOKENS = 256
+# The server's default prefill speed for its "load from disk or recompute" choice
+# (kvdepot.server.prefetching.PrefetchSettings); this run overrides it to measure the disk path.
+DEFAULT_RECOMPUTE_TOKENS_PER_S = 10_000.0
+
+
+def server_flags(args: argparse.Namespace, disk_dir: str | None) -> list[str]:
+    flags = ["--lease-ttl", "120"]
+    if disk_dir:
+        flags += [
+            "--disk-path", disk_dir, "--disk-size", f"{args.disk_size:g}",
+            "--disk-write-policy", "write-through",
+            "--disk-queue-depth", "1024",  # a 32k prompt commits 128 chunks at once: write all
+            "--max-workers", str(args.disk_workers),
+            "--prefetch-deadline-ms", "120000",  # a slow disk is measured, not timed out
+            "--recompute-tokens-per-s", f"{args.recompute_tokens_per_s:g}",
+        ]
+    return flags
+
+
+@contextlib.contextmanager
+def start_server(args: argparse.Namespace, log_path: Path, disk_dir: str | None):
+    """A kvdepot server for the run, its buffer's pages touched; stopped (SIGTERM) at exit."""
+    from server_process import ServerProcess
+
+    log_path.unlink(missing_ok=True)  # ServerProcess appends, and waits for its start line
+    with ServerProcess(buffer_gb=args.buffer_gb, log_path=log_path, extra=server_flags(args, disk_dir)) as srv:
+        deadline = time.monotonic() + 120
+        while "Arena ready" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        yield srv
+
+
+def run_mode(mode: str, args: argparse.Namespace, log_dir: Path, raw: dict) -> None:
+    try:
+        got = run_engine(mode, args, log_dir)
+        suffix = mode.split("kvdepot-load", 1)[1] if mode.startswith("kvdepot-load-") else ""
+        raw.update({key + suffix: value for key, value in got.items()})
+    except Exception as exc:  # noqa: BLE001 - report what ran
+        print(f"  engine {mode} failed: {exc}", flush=True)
+
+
+def build_report(args: argparse.Namespace, ceiling: float, raw: dict, disk: dict) -> dict:
+    report: dict = {"pinned_h2d_gbps": ceiling, "lengths": args.lengths, "repeat": args.repeat,
+                    "modes": args.modes, "raw": raw}
+    if disk:
+        report["disk"] = disk
+    disk_gbps = disk.get("raw", {}).get("best_read_gbps")
+    for length in args.lengths:
+        row: dict = {}
+        for key in ("recompute", "gpu_prefix_hit", "kvdepot_hit", "kvdepot_hit-async",
+                    "kvdepot_hit-trace", "offload_hit", "kvdepot_disk_hit"):
+            base, _, variant = key.partition("-")
+            samples = raw.get(f"{base}_{length}" + (f"-{variant}" if variant else ""))
+            if samples:
+                row[key] = statistics.median(s[0] for s in samples) * 1e3
+                row[key + "_cached"] = [s[1] for s in samples]
+        kv_bytes = length * KV_BYTES_PER_TOKEN
+        row["copy_floor_ms"] = kv_bytes / (ceiling * 1e9) * 1e3
+        if "gpu_prefix_hit" in row:
+            row["bound_ms"] = row["gpu_prefix_hit"] + row["copy_floor_ms"]
+        if "kvdepot_hit" in row:
+            if "bound_ms" in row:
+                row["kvdepot_vs_bound"] = row["kvdepot_hit"] / row["bound_ms"]
+            if "recompute" in row:
+                row["recompute_vs_kvdepot"] = row["recompute"] / row["kvdepot_hit"]
+            if "offload_hit" in row:
+                row["offload_vs_kvdepot"] = row["offload_hit"] / row["kvdepot_hit"]
+        if "recompute" in row:
+            row["recompute_tokens_per_s"] = length / (row["recompute"] / 1e3)
+        if "kvdepot_disk_hit" in row:
+            # What the server reads: the prompt's whole chunks (payload bytes).
+            read_bytes = -(-length // CHUNK_TOKENS) * CHUNK_TOKENS * KV_BYTES_PER_TOKEN
+            want = max(row.get("kvdepot_hit_cached", [length - 1]))
+            row["disk_hit_tokens_ok"] = all(c == want for c in row["kvdepot_disk_hit_cached"])
+            if disk_gbps:
+                row["disk_read_floor_ms"] = read_bytes / (disk_gbps * 1e9) * 1e3
+                row["disk_vs_read_floor"] = row["kvdepot_disk_hit"] / row["disk_read_floor_ms"]
+            for other in ("recompute", "kvdepot_hit"):
+                if other in row:
+                    row[f"disk_vs_{other}"] = row["kvdepot_disk_hit"] / row[other]
+        report[str(length)] = row
+    if disk:
+        # The server's own choice with its default prefill speed: load a chunk from disk only
+        # when its bytes over the tier's read speed take less than recomputing its tokens.
+        chunk = CHUNK_TOKENS * KV_BYTES_PER_TOKEN
+        disk["default_policy_loads_above_gbps"] = chunk * DEFAULT_RECOMPUTE_TOKENS_PER_S / CHUNK_TOKENS / 1e9
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'tokens':>7} {'what':<36}{'TTFT ms':>9}{'cached':>8}")
+    for length in report["lengths"]:
+        row = report[str(length)]
+        for key in ("recompute", "gpu_prefix_hit", "kvdepot_hit", "kvdepot_hit-async",
+                    "kvdepot_hit-trace", "offload_hit", "kvdepot_disk_hit"):
+            if key in row:
+                print(f"{length:>7} {key:<36}{row[key]:9.1f}{row[key + '_cached'][0]:8d}")
+        if "bound_ms" in row:
+            print(f"{length:>7} {'bound: GPU hit + bytes/pinned rate':<36}{row['bound_ms']:9.1f}")
+        if "disk_read_floor_ms" in row:
+            print(f"{length:>7} {'disk floor: bytes/raw O_DIRECT rate':<36}{row['disk_read_floor_ms']:9.1f}")
+    for length in report["lengths"]:
+        row = report[str(length)]
+        if "kvdepot_vs_bound" in row:
+            print(f"{length}: kvdepot hit / bound = {row['kvdepot_vs_bound']:.2f} (target <= 1.1); "
+                  f"recompute / kvdepot = {row.get('recompute_vs_kvdepot', float('nan')):.1f}x; "
+                  f"OffloadingConnector / kvdepot = {row.get('offload_vs_kvdepot', float('nan')):.2f}x")
+        if "kvdepot_disk_hit" in row:
+            print(f"{length}: disk hit / disk floor = {row.get('disk_vs_read_floor', float('nan')):.2f}; "
+                  f"disk hit / recompute = {row.get('disk_vs_recompute', float('nan')):.2f}; "
+                  f"disk hit / buffer hit = {row.get('disk_vs_kvdepot_hit', float('nan')):.1f}; "
+                  f"hit tokens as the buffer hit's: {row['disk_hit_tokens_ok']}")
 
 
 def main() -> None:
@@ -238,11 +366,23 @@ def main() -> None:
     ap.add_argument("--buffer-gb", type=float, default=60)  # holds every prompt of a run: no eviction
     ap.add_argument("--modes", nargs="+", default=["kvdepot-store", "kvdepot-load", "offload"])
     ap.add_argument("--trace", action="store_true", help="print when the connector's hooks run")
+    disk = ap.add_argument_group("mode kvdepot-disk")
+    disk.add_argument("--disk-size", type=float, default=32.0, help="GB of the disk tier")
+    disk.add_argument("--disk-dirs", nargs="+", default=["/var/tmp", "/tmp", str(REPO.parent), "/root"],
+                      help="where the disk tier may go: the first on a disk (not tmpfs) with room")
+    disk.add_argument("--disk-workers", type=int, default=4, help="the server's --max-workers")
+    disk.add_argument("--raw-files", type=int, default=48, help="chunk-sized files of the raw baseline")
+    disk.add_argument("--recompute-tokens-per-s", type=float, default=1.0,
+                      help="the server's setting: low, so that it always loads from disk")
+    disk.add_argument("--pending-wait-ms", type=float, default=120_000.0,
+                      help="how long the connector asks again for chunks coming up from disk")
     ap.add_argument("--out", default=str(REPO / "bench/results/vllm_gpu_ttft.json"))
     args = ap.parse_args()
     if args.role == "engine":
         engine_main(args)
         return
+    if "kvdepot-disk" in args.modes[:-1]:
+        ap.error("kvdepot-disk runs last (it restarts the server)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,54 +394,26 @@ def main() -> None:
     print(f"pinned host->GPU: {ceiling:.1f} GB/s", flush=True)
 
     sys.path.insert(0, str(REPO / "tests"))
-    from server_process import ServerProcess
-
+    sys.path.insert(0, str(REPO / "bench"))
     raw: dict[str, list] = {}
-    with ServerProcess(buffer_gb=args.buffer_gb, log_path=log_dir / "kvdepot-server.log",
-                       extra=["--lease-ttl", "120"]) as srv:
-        args.port = srv.port
-        deadline = time.monotonic() + 120
-        while "Arena ready" not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for mode in args.modes:
-            try:
-                got = run_engine(mode, args, log_dir)
-                suffix = mode.split("kvdepot-load", 1)[1] if mode.startswith("kvdepot-load-") else ""
-                raw.update({key + suffix: value for key, value in got.items()})
-            except Exception as exc:  # noqa: BLE001 - report what ran
-                print(f"  engine {mode} failed: {exc}", flush=True)
+    disk_info: dict = {}
 
-    report: dict = {"pinned_h2d_gbps": ceiling, "lengths": args.lengths, "repeat": args.repeat, "raw": raw}
-    print(f"\n{'tokens':>7} {'what':<34}{'TTFT ms':>9}{'cached':>8}")
-    for length in args.lengths:
-        row = {}
-        for key in ("recompute", "gpu_prefix_hit", "kvdepot_hit", "kvdepot_hit-async",
-                    "kvdepot_hit-trace", "offload_hit"):
-            base, _, variant = key.partition("-")
-            samples = raw.get(f"{base}_{length}" + (f"-{variant}" if variant else ""))
-            if samples:
-                row[key] = statistics.median(s[0] for s in samples) * 1e3
-                print(f"{length:>7} {key:<34}{row[key]:9.1f}{samples[0][1]:8d}")
-        kv_bytes = length * KV_BYTES_PER_TOKEN
-        row["copy_floor_ms"] = kv_bytes / (ceiling * 1e9) * 1e3
-        if "gpu_prefix_hit" in row:
-            row["bound_ms"] = row["gpu_prefix_hit"] + row["copy_floor_ms"]
-            print(f"{length:>7} {'bound: GPU hit + bytes/pinned rate':<34}{row['bound_ms']:9.1f}")
-        if "kvdepot_hit" in row:
-            if "bound_ms" in row:
-                row["kvdepot_vs_bound"] = row["kvdepot_hit"] / row["bound_ms"]
-            if "recompute" in row:
-                row["recompute_vs_kvdepot"] = row["recompute"] / row["kvdepot_hit"]
-            if "offload_hit" in row:
-                row["offload_vs_kvdepot"] = row["offload_hit"] / row["kvdepot_hit"]
-        report[str(length)] = row
-    out.write_text(json.dumps(report, indent=2))
-    for length in args.lengths:
-        row = report[str(length)]
-        if "kvdepot_vs_bound" in row:
-            print(f"{length}: kvdepot hit / bound = {row['kvdepot_vs_bound']:.2f} (target <= 1.1); "
-                  f"recompute / kvdepot = {row.get('recompute_vs_kvdepot', float('nan')):.1f}x; "
-                  f"OffloadingConnector / kvdepot = {row.get('offload_vs_kvdepot', float('nan')):.2f}x")
+    def save() -> None:
+        out.write_text(json.dumps(build_report(args, ceiling, raw, disk_info), indent=2))
+
+    if args.modes[-1] == "kvdepot-disk":
+        from ttft_disk import run_disk_modes
+
+        run_disk_modes(args, log_dir, raw, disk_info, save, start_server, run_mode,
+                       CHUNK_TOKENS * KV_BYTES_PER_TOKEN)
+    else:
+        with start_server(args, log_dir / "kvdepot-server.log", None) as srv:
+            args.port = srv.port
+            for mode in args.modes:
+                run_mode(mode, args, log_dir, raw)
+                save()
+    save()
+    print_table(build_report(args, ceiling, raw, disk_info))
 
 
 if __name__ == "__main__":

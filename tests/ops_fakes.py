@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvdepot.protocol import ServerStats
+from kvdepot.protocol import ServerStats, TierStats
 
 
 def fake_stats(**overrides: Any) -> ServerStats:
@@ -44,3 +44,18 @@ def fake_stats(**overrides: Any) -> ServerStats:
     )
     fields.update(overrides)
     return ServerStats(**fields)
+
+
+def fake_tier(**overrides: Any) -> TierStats:
+    """A plausible disk tier's TierStats; every figure distinct."""
+    fields: dict[str, Any] = dict(
+        name="disk", settings={"path": "/var/cache/kvdepot", "write_policy": "write-back"},
+        capacity_bytes=100_000_000_000, used_bytes=42_000_000_000, files=1001, waiting_files=7,
+        copies_in_flight=3, queue_depth=16, writes=2002, written_bytes=80_000_000_000,
+        reads=903, read_bytes=36_000_000_000, checksum_failures=1, bad_files=2,
+        temp_files_removed=4, write_errors=5, read_errors=6, dropped_writes=8, not_admitted=9,
+        prefetch_started=910, prefetch_landed=900, prefetch_timeouts=11, prefetch_skipped=12,
+        read_bytes_per_s=1.2e9, last_error="",
+    )
+    fields.update(overrides)
+    return TierStats(**fields)

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvdepot.server.config import ServerConfig, parse_args
 from kvdepot.server.metrics import ServerMetrics
-from ops_fakes import fake_stats
+from ops_fakes import fake_stats, fake_tier
 from ops_server import REPO_ROOT, OpsServer
 from server_process import free_port
 
@@ -436,7 +436,7 @@ def test_chart_can_turn_off_the_scrape_annotations(helm):
 
 def exposed_sample_names() -> set[str]:
     metrics = ServerMetrics()
-    metrics.update_from_stats(fake_stats())
+    metrics.update_from_stats(fake_stats(tiers=[fake_tier()]))  # a server with a disk tier
     return {
         sample.name
         for family in text_string_to_metric_families(metrics.render().decode())

@@ -80,7 +80,8 @@ class DemotionDone(msgspec.Struct, frozen=True, gc=False):
 
 class PrefetchDone(msgspec.Struct, frozen=True, gc=False):
     """A Prefetch job ended: ``ok`` when the arena slot holds the whole, verified bytes;
-    ``seconds``: how long the tier's read took (the core's estimate of the tier's speed)."""
+    ``seconds``: the read's share of the tier's time (its wall time over the reads running
+    beside it), from which the core estimates the tier's speed."""
 
     job: int
     ok: bool

@@ -343,6 +343,10 @@ class SchedulerSide:
         if st is None:
             return False, None
         self._book.request_gone(st.req_id, st.lookups, loading=st.loading)
+        if not self._reqs:
+            # The last request: the engine may go idle, and no step would come to release its
+            # leases in (they would pin their chunks until the session ends).
+            self._book.flush()
         if st.loading:
             return False, None
         if st.stores_in_blocks:
