@@ -26,8 +26,8 @@ from kvdepot.client import KVDepotError, ServerRestarted, ServerUnavailable
 from kvdepot.connector.boot_copier import BootCopier
 from kvdepot.connector.link import ServerLink, once_more_on_new_session
 from kvdepot.connector.logs import CONNECTOR_LOG
-from kvdepot.connector.specs import LoadSpec, StoreSpec, split_keys
-from kvdepot.protocol import SlotStatus
+from kvdepot.connector.specs import LoadSpec, StoreSpec
+from kvdepot.protocol import SlotStatus, split_keys
 from kvdepot.transfer.base import ChunkCopy
 
 

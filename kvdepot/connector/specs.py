@@ -66,7 +66,3 @@ class NamespaceSpec:
     geometry: KVGeometry
     world_size: int
     salt: str
-
-
-def split_keys(blob: bytes) -> list[bytes]:
-    return [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
