@@ -287,6 +287,19 @@ class BatchReply(Message, tag="BatchReply"):
     ]
 
 
+class TierNode(msgspec.Struct):
+    """One server behind a tier (a node of a Redis/Valkey Cluster), for status."""
+
+    address: str  # host:port
+    role: str  # "master", "replica", "server" (not a cluster)
+    connected: bool  # a connection is open, or the node is not in backoff
+    bytes_sent: int
+    bytes_received: int
+    calls: int  # pipelines run on it
+    errors: int
+    last_error: str
+
+
 class TierStats(msgspec.Struct):
     """One storage tier below the buffer (a local disk): its settings and what it did."""
 
@@ -315,6 +328,13 @@ class TierStats(msgspec.Struct):
     prefetch_skipped: int  # not started: loading was expected to be slower than recomputing
     read_bytes_per_s: float  # the load speed the tier expects (measured on its reads)
     last_error: str  # the latest I/O error, "" when none
+    # A shared tier (a remote store): lookups that asked it for chunks the index did not
+    # know, the chunks it answered it holds, and its servers.
+    probes: int = 0
+    probe_found: int = 0
+    probe_errors: int = 0
+    already_stored: int = 0  # writes that found the chunk there (another node's): TTL renewed
+    nodes: list[TierNode] = msgspec.field(default_factory=list)
 
 
 class ServerStats(msgspec.Struct):

@@ -122,9 +122,11 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def tier_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
-    """The rows of one storage tier below the buffer (a local disk)."""
+    """The rows of one storage tier below the buffer (a local disk, a remote store)."""
     get = t.get
     settings = get("settings") or {}
+    if "urls" in settings:
+        return remote_tier_rows(t)
     policy = [settings.get("write_policy", "?")]
     if settings.get("admit_hits", "0") != "0":
         policy.append(f"admitted after {settings['admit_hits']} hits")
@@ -168,6 +170,68 @@ def tier_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
             + (f"; last: {get('last_error')}" if get("last_error") else ""),
         ),
     ]
+
+
+def remote_tier_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of a remote tier (a Redis/Valkey Cluster shared by the nodes)."""
+    get = t.get
+    settings = get("settings") or {}
+    nodes = get("nodes") or []
+    up = sum(1 for n in nodes if n.get("connected"))
+    rows = [
+        (
+            f"{get('name', 'remote')} tier",
+            f"{settings.get('urls', '?')}, {settings.get('write_policy', '?')}, TTL "
+            f"{settings.get('ttl_s', '?')} s, TLS {settings.get('tls', '?')}, user "
+            f"{settings.get('user', '?')}, key prefix {settings.get('key_prefix', '?')}",
+        ),
+        ("  nodes", f"{up} of {len(nodes)} connected" if nodes else "none known (not connected)"),
+    ]
+    for n in nodes:
+        rows.append((
+            f"    {n.get('address', '?')}",
+            f"{n.get('role', '?')}, {'up' if n.get('connected') else 'DOWN'}, "
+            f"sent {human_bytes(n.get('bytes_sent', 0))}, received "
+            f"{human_bytes(n.get('bytes_received', 0))}, {n.get('calls', 0):,} calls, "
+            f"{n.get('errors', 0):,} errors"
+            + (f" (last: {n['last_error']})" if n.get("last_error") else ""),
+        ))
+    rows += [
+        (
+            "  lookups",
+            f"{get('probes', 0):,} probes, {get('probe_found', 0):,} chunks found, "
+            f"{get('probe_errors', 0):,} failed",
+        ),
+        (
+            "  queue",
+            f"{get('copies_in_flight', 0):,} of {get('queue_depth', 0):,} copies in flight, "
+            f"{get('dropped_writes', 0):,} writes dropped (queue full)",
+        ),
+        (
+            "  written",
+            f"{get('writes', 0):,} chunk ranks, {human_bytes(get('written_bytes', 0))}; "
+            f"{get('already_stored', 0):,} found stored already (TTL renewed)",
+        ),
+        (
+            "  read",
+            f"{get('reads', 0):,} chunk ranks, {human_bytes(get('read_bytes', 0))}, "
+            f"expected {human_bytes(get('read_bytes_per_s', 0))}/s",
+        ),
+        (
+            "  prefetch",
+            f"{get('prefetch_started', 0):,} chunks started, {get('prefetch_landed', 0):,} "
+            f"landed, {get('prefetch_timeouts', 0):,} past their deadline, "
+            f"{get('prefetch_skipped', 0):,} skipped (recompute is faster)",
+        ),
+        (
+            "  errors",
+            f"{get('checksum_failures', 0):,} checksum failures, {get('bad_files', 0):,} bad "
+            f"manifests (deleted), {get('read_errors', 0):,} reads failed or gone, "
+            f"{get('write_errors', 0):,} writes failed"
+            + (f"; last: {get('last_error')}" if get("last_error") else ""),
+        ),
+    ]
+    return rows
 
 
 def format_table(stats: dict[str, Any], url: str) -> str:

@@ -63,6 +63,9 @@ class MemoryTier:
     def scan(self):
         return iter(())
 
+    def nodes(self):
+        return []
+
 
 @pytest.fixture
 def tiered_server():
@@ -72,10 +75,10 @@ def tiered_server():
     event = threading.Event()
     complete = core.complete
 
-    def recording_complete(done):  # on the RPC thread
+    def recording_complete(done, now):  # on the RPC thread
         applied.append((time.monotonic(), done))
         event.set()
-        return complete(done)
+        return complete(done, now)
 
     core.complete = recording_complete  # type: ignore[method-assign]
     arena = SharedArena(f"kvdepot-test-tiers-{os.getpid()}", 16 * SLOT)

@@ -110,11 +110,12 @@ class CacheCore(StorePath):
         self.places.effects = []
         return effects
 
-    def complete(self, done: Completion) -> bool:
-        """A tier copy ended (from a worker, on the RPC thread); False when its job is not
-        known (applied already)."""
+    def complete(self, done: Completion, now: float = 0.0) -> bool:
+        """A tier copy or probe ended (from a worker, on the RPC thread); False when its job
+        is not known (applied already). ``now``: the clock lookups are given (the loads a
+        probe starts get their deadline from it)."""
         lower = self.places.lower
-        return lower is not None and lower.complete(done)
+        return lower is not None and lower.complete(done, now)
 
     def adopt(self, tier: str, found: Sequence[StoredChunk]) -> None:
         """What tier ``tier`` found at start (its scan): chunks of a registered namespace
@@ -241,9 +242,10 @@ class CacheCore(StorePath):
             # A lease for the pending chunks must be possible before any load starts.
             may_hold = lease_id or self.leases.count_of_session(session) < MAX_LEASES_PER_SESSION
             if lease_ms and len(hits) < len(keys) and may_hold:
-                waiting = lower.prefetch(ns, keys[len(hits):], now)
+                before = hits[-1] if hits else b""
+                waiting, probing = lower.prefetch(ns, before, keys[len(hits):], now)
+                pending = len(waiting) + probing
                 if waiting:
-                    pending = len(waiting)
                     lease_id = self._hold_pending(session, lease_id, waiting, now, ttl)
         n_keys = len(keys)
         n_hit, n_miss = len(hits), n_keys - len(hits)

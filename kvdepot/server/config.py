@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvdepot.server.policies import DEFAULT_POLICY, POLICY_CLASSES
 from kvdepot.server.prefetching import PrefetchSettings
@@ -12,6 +12,7 @@ from kvdepot.server.prefetching import PrefetchSettings
 GB = 1_000_000_000
 MIB = 1 << 20
 WRITE_POLICIES = ("write-back", "write-through")
+REMOTE_WRITE_POLICIES = ("write-through", "on-evict", "off")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,17 @@ class ServerConfig:
     disk_admit_hits: int = 0
     disk_queue_depth: int = 16
     prefetch: PrefetchSettings = PrefetchSettings()
+    remote_urls: tuple[str, ...] = ()  # empty: no remote tier
+    remote_ttl_s: int = 86_400
+    remote_write_policy: str = "write-through"
+    remote_key_prefix: str = "kvdepot"
+    remote_username: str | None = None
+    remote_password: str | None = field(default=None, repr=False)  # never in a log line
+    remote_ca_file: str | None = None
+    remote_cert_file: str | None = None
+    remote_key_file: str | None = None
+    remote_queue_depth: int = 16
+    remote_timeout_ms: float = 2000.0
 
     @property
     def disk_bytes(self) -> int:
@@ -123,6 +135,42 @@ def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
                       help="prefill speed an engine reaches at least: a load from disk "
                            "expected to be slower than recomputing its tokens is not started "
                            "(default %(default)s)")
+    remote = ap.add_argument_group(
+        "remote tier (a Redis/Valkey Cluster or server shared by the nodes; off unless "
+        "--remote is given)")
+    remote.add_argument("--remote", action="append", default=[], metavar="URL",
+                        help="redis://HOST:PORT or rediss://HOST:PORT (TLS) of a cluster node "
+                             "or a single server; repeat for more seed nodes. User and "
+                             "password: env KVDEPOT_REMOTE_USER / KVDEPOT_REMOTE_PASSWORD or "
+                             "--remote-password-file")
+    remote.add_argument("--remote-ttl", type=int, default=d.remote_ttl_s, metavar="SECONDS",
+                        help="every key written expires after this many seconds (default "
+                             "%(default)s); the cluster's maxmemory policy evicts before that")
+    remote.add_argument("--remote-write-policy", default=d.remote_write_policy,
+                        choices=REMOTE_WRITE_POLICIES,
+                        help="write-through: a chunk is written as soon as it is stored, so "
+                             "other nodes hit it at once; on-evict: when it leaves this "
+                             "node's buffer; off: read what other nodes wrote, write nothing "
+                             "(default %(default)s)")
+    remote.add_argument("--remote-key-prefix", default=d.remote_key_prefix,
+                        help="first part of every key: one per deployment sharing a cluster "
+                             "(default %(default)s)")
+    remote.add_argument("--remote-password-file", default=None, metavar="PATH",
+                        help="file whose first line is the password (instead of the "
+                             "environment)")
+    remote.add_argument("--remote-ca-file", default=None, metavar="PATH",
+                        help="CA bundle that signs the servers' certificates (rediss://)")
+    remote.add_argument("--remote-cert-file", default=None, metavar="PATH",
+                        help="client certificate for servers that require one (rediss://)")
+    remote.add_argument("--remote-key-file", default=None, metavar="PATH",
+                        help="the client certificate's private key")
+    remote.add_argument("--remote-queue-depth", type=int, default=d.remote_queue_depth,
+                        help="remote writes and loads in flight at once; a write that finds "
+                             "the queue full is dropped and counted (default %(default)s)")
+    remote.add_argument("--remote-timeout-ms", type=float, default=d.remote_timeout_ms,
+                        help="a remote write is given up after this many ms; lookups wait "
+                             "for the cluster at most --prefetch-deadline-ms (default "
+                             "%(default)s)")
     ap.add_argument("--log-level", default=os.environ.get("KVDEPOT_LOG_LEVEL", d.log_level),
                     help="DEBUG, INFO, WARNING or ERROR (env KVDEPOT_LOG_LEVEL; default INFO)")
     return ap
@@ -152,6 +200,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
         ap.error("--disk-size must be positive")
     if a.disk_admit_hits < 0 or a.disk_queue_depth < 1:
         ap.error("--disk-admit-hits must be >= 0 and --disk-queue-depth >= 1")
+    remote = _remote_settings(ap, a)
     try:
         prefetch = PrefetchSettings(
             deadline_base_s=a.prefetch_deadline_ms / 1000,
@@ -183,4 +232,41 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
         disk_admit_hits=a.disk_admit_hits,
         disk_queue_depth=a.disk_queue_depth,
         prefetch=prefetch,
+        **remote,
+    )
+
+
+def _remote_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """The remote tier's fields of ServerConfig; credentials from the environment or a file,
+    never from the command line (it shows in ps)."""
+    for url in a.remote:
+        if not url.startswith(("redis://", "rediss://")):
+            ap.error(f"--remote {url!r}: give redis://HOST:PORT or rediss://HOST:PORT")
+    if a.remote_ttl < 1 or a.remote_queue_depth < 1 or a.remote_timeout_ms <= 0:
+        ap.error("--remote-ttl, --remote-queue-depth and --remote-timeout-ms must be positive")
+    if bool(a.remote_cert_file) != bool(a.remote_key_file):
+        ap.error("--remote-cert-file and --remote-key-file go together")
+    password = os.environ.get("KVDEPOT_REMOTE_PASSWORD") or None
+    if a.remote_password_file:
+        try:
+            with open(a.remote_password_file) as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            ap.error(f"--remote-password-file: {exc}")
+    for flag in ("remote_ca_file", "remote_cert_file", "remote_key_file"):
+        path = getattr(a, flag)
+        if path and not os.path.isfile(path):
+            ap.error(f"--{flag.replace('_', '-')}: no file at {path}")
+    return dict(
+        remote_urls=tuple(a.remote),
+        remote_ttl_s=a.remote_ttl,
+        remote_write_policy=a.remote_write_policy,
+        remote_key_prefix=a.remote_key_prefix,
+        remote_username=os.environ.get("KVDEPOT_REMOTE_USER") or None,
+        remote_password=password,
+        remote_ca_file=a.remote_ca_file,
+        remote_cert_file=a.remote_cert_file,
+        remote_key_file=a.remote_key_file,
+        remote_queue_depth=a.remote_queue_depth,
+        remote_timeout_ms=a.remote_timeout_ms,
     )

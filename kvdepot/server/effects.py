@@ -66,7 +66,21 @@ class Delete(msgspec.Struct, frozen=True, gc=False):
     where: Where
 
 
-Effect = Union[Evicted, Demote, Prefetch, Delete]
+class Probe(msgspec.Struct, frozen=True, gc=False):
+    """Ask a shared tier (one other servers write too) which of a lookup's chunks it holds,
+    every rank whole, then report ``ProbeDone(job, found)``: how many of ``keys``, from the
+    first, it holds. ``keys`` are consecutive chunks of one chain; ``slot_bytes``: what each
+    rank of each must hold."""
+
+    job: int
+    tier: str
+    namespace: bytes  # digest
+    world_size: int
+    slot_bytes: int
+    keys: list[bytes]
+
+
+Effect = Union[Evicted, Demote, Prefetch, Delete, Probe]
 
 
 class DemotionDone(msgspec.Struct, frozen=True, gc=False):
@@ -89,4 +103,13 @@ class PrefetchDone(msgspec.Struct, frozen=True, gc=False):
     seconds: float = 0.0
 
 
-Completion = Union[DemotionDone, PrefetchDone]
+class ProbeDone(msgspec.Struct, frozen=True, gc=False):
+    """A Probe job ended: the tier holds the first ``found`` of its keys (0 when it failed:
+    ``error`` says why; a tier that cannot answer is a miss, never an engine's error)."""
+
+    job: int
+    found: int
+    error: str = ""
+
+
+Completion = Union[DemotionDone, PrefetchDone, ProbeDone]

@@ -52,13 +52,23 @@ class PrefetchSettings:
 
 
 class PrefetchPath:
-    def prefetch(self: LowerTiers, ns: NamespaceInfo, keys: list[bytes], now: float) -> list[ChunkEntry]:
+    def prefetch(
+        self: LowerTiers, ns: NamespaceInfo, before: bytes, keys: list[bytes], now: float
+    ) -> tuple[list[ChunkEntry], int]:
         """Start copies into the arena of the chunks after a lookup's hits (``keys``, in
-        prefix order) that lower tiers hold, up to the first that none does. Returns the
-        lookup's pending chunks: the leading ones on their way now (started by this lookup
-        or an earlier one) before their deadline, or landed behind one that is."""
+        prefix order; ``before``: the last hit's key, b"" for none) that lower tiers hold, up
+        to the first that none does. Returns the lookup's pending chunks: the leading ones on
+        their way now (started by this lookup or an earlier one) before their deadline, or
+        landed behind one that is; and how many chunks after those a shared tier is being
+        asked about (probing.py), which the lookup waits for too."""
         self._start_loads(ns, keys, now)
-        return self._pending(ns, keys, now)
+        pending = self._pending(ns, keys, now)
+        rest = keys[len(pending):]
+        probing = 0
+        if rest and self._shared:
+            parent = pending[-1].key if pending else before
+            probing = self.probe(ns, parent, rest, now)
+        return pending, probing
 
     def _start_loads(self: LowerTiers, ns: NamespaceInfo, keys: list[bytes], now: float) -> None:
         placement, entries = self.placement, self.index.entries

@@ -151,7 +151,7 @@ class CacheServer:
         """Apply what tier workers finished, and run admin jobs, now."""
         for done in self.completions.take():
             try:
-                self.core.complete(done)
+                self.core.complete(done, self.clock())
             except Exception:  # noqa: BLE001 - a bug must cost one completion, never the server
                 log.exception("Unexpected error while applying %r", done)
         self._run_admin_jobs()

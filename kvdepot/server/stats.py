@@ -84,5 +84,10 @@ def tier_stats(core: CacheCore, tiers: Mapping[str, Tier]) -> list[p.TierStats]:
             prefetch_skipped=k.prefetch_skipped,
             read_bytes_per_s=books.read_bytes_per_s,
             last_error=io.last_error,
+            probes=k.probes,
+            probe_found=k.probe_found,
+            probe_errors=k.probe_errors,
+            already_stored=io.already_stored,
+            nodes=tiers[name].nodes(),
         ))
     return out

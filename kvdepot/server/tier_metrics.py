@@ -1,5 +1,5 @@
-"""Prometheus metrics of the storage tiers below the buffer (a local disk), one series per
-tier (label ``tier``), all taken from the stats snapshot at scrape time (``TierStats``):
+"""Prometheus metrics of the storage tiers below the buffer (a local disk, a remote store),
+one series per tier (label ``tier``; a remote store's servers also by ``node``), all taken from the stats snapshot at scrape time (``TierStats``):
 gauges of what a tier holds, counters that follow its running totals, and an info series
 whose labels are its settings. Part of ServerMetrics (metrics.py), in its registry.
 """
@@ -39,6 +39,23 @@ TIER_COUNTERS: tuple[tuple[str, str, tuple[str, ...], dict[tuple[str, ...], str]
      "loading at the deadline: missed), skipped (slower than recomputing).", ("outcome",),
      {("started",): "prefetch_started", ("landed",): "prefetch_landed",
       ("timeout",): "prefetch_timeouts", ("skipped",): "prefetch_skipped"}),
+    ("kvdepot_tier_probes",
+     "Lookups that asked a shared tier for chunks the index did not know, by outcome: asked, "
+     "failed (the store could not answer: a miss).", ("outcome",),
+     {("asked",): "probes", ("failed",): "probe_errors"}),
+    ("kvdepot_tier_probe_found_chunks", "Chunks a shared tier held when asked.", (),
+     {(): "probe_found"}),
+    ("kvdepot_tier_already_stored",
+     "Writes that found the chunk stored already (by another node): only its TTL renewed.", (),
+     {(): "already_stored"}),
+)
+# Per node of a remote store: (metric name, help, TierNode field); counters end in _total.
+NODE_COUNTERS = (
+    ("kvdepot_remote_node_sent_bytes", "Bytes sent to a node of the remote store.", "bytes_sent"),
+    ("kvdepot_remote_node_received_bytes", "Bytes received from a node of the remote store.",
+     "bytes_received"),
+    ("kvdepot_remote_node_calls", "Pipelines run on a node of the remote store.", "calls"),
+    ("kvdepot_remote_node_errors", "Failed calls to a node of the remote store.", "errors"),
 )
 TIER_GAUGES = (
     ("kvdepot_tier_capacity_bytes", "Bytes a tier may hold at most (--disk-size).", "capacity_bytes"),
@@ -70,6 +87,15 @@ class TierMetrics:
             "kvdepot_tier_info", "A tier's settings as labels (constant 1).",
             ("tier", *TIER_INFO_LABELS), registry=registry,
         )
+        self._node_up = Gauge(
+            "kvdepot_remote_node_up", "1 while a node of the remote store is connected.",
+            ("tier", "node", "role"), registry=registry,
+        )
+        self._node_counters = [
+            (name, Counter(name, doc, ("tier", "node"), registry=registry), field)
+            for name, doc, field in NODE_COUNTERS
+        ]
+        self._node_labels: dict[tuple[str, str], tuple[str, ...]] = {}
         self._totals: dict[tuple[str, ...], int] = {}
         self._info_labels: dict[str, tuple[str, ...]] = {}
 
@@ -90,3 +116,18 @@ class TierMetrics:
                 self._info.remove(*old)  # one series per tier, never a stale setting beside
             self._info.labels(*labels).set(1)
             self._info_labels[tier.name] = labels
+        for node in tier.nodes:
+            self._follow(self._node_counters, (tier.name, node.address), node)
+            up_labels = (tier.name, node.address, node.role)
+            old_up = self._node_labels.get((tier.name, node.address))
+            if old_up is not None and old_up != up_labels:
+                self._node_up.remove(*old_up)  # its role changed (a failover)
+            self._node_up.labels(*up_labels).set(1 if node.connected else 0)
+            self._node_labels[(tier.name, node.address)] = up_labels
+
+    def _follow(self, counters, labels: tuple[str, ...], source) -> None:
+        for name, counter, field in counters:
+            total, key = getattr(source, field), (name, *labels)
+            last = self._totals.get(key, 0)
+            counter.labels(*labels).inc(max(0, total - last))
+            self._totals[key] = max(last, total)

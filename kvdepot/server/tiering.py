@@ -18,6 +18,11 @@ the target LOADING_IN (unreadable, kept).
 - Prefetch (prefetching.py): a leased lookup whose hit prefix continues in a lower tier starts
   copies of those chunks into fresh arena slots, answers them as pending until they land or
   their deadline passes, and leases them for the engine that waits.
+- Probe (probing.py): where the prefix ends at a key the index has never seen, a shared tier
+  (``TierSpec.shared``: other nodes write it too) is asked for the chunks from there; what it
+  holds joins the index and loads as above.
+- Every tier that writes (``TierSpec.writes``) and admits a chunk gets it when it leaves the
+  arena, unless it holds it already: a disk and a shared store both.
 - Chunks a tier found at start wait for their namespace (adoption.py).
 - Each tier has a byte cap (footprints: a file's header and padding count) and its own
   eviction (tails first, by the same policy as the arena; chunks still waiting for their
@@ -31,12 +36,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvdepot.server.adoption import Adoption
-from kvdepot.server.effects import Delete, Demote, DemotionDone, Evicted, PrefetchDone
+from kvdepot.server.effects import Delete, Demote, DemotionDone, Evicted, PrefetchDone, ProbeDone
 from kvdepot.server.eviction import ChainEvictor
 from kvdepot.server.index import ChunkEntry
 from kvdepot.server.locations import ARENA, Location, State, Where
 from kvdepot.server.policies import EvictionPolicy
-from kvdepot.server.prefetching import PrefetchPath, PrefetchSettings
+from kvdepot.server.prefetching import MAX_PREFETCH_CHUNKS, PrefetchPath, PrefetchSettings
+from kvdepot.server.probing import ProbeJob, ProbePath
 
 if TYPE_CHECKING:
     from kvdepot.server.placement import Placement
@@ -53,6 +59,9 @@ class TierCounters:
     prefetch_landed: int = 0
     prefetch_timeouts: int = 0
     prefetch_skipped: int = 0
+    probes: int = 0  # a shared tier asked for chunks the index did not know
+    probe_found: int = 0  # chunks it held
+    probe_errors: int = 0
 
 
 @dataclass
@@ -77,7 +86,7 @@ class _Job:
     evicting: bool = False  # a demotion an arena eviction waits for (not write-through)
 
 
-class LowerTiers(PrefetchPath, Adoption):
+class LowerTiers(PrefetchPath, ProbePath, Adoption):
     def __init__(
         self, placement: Placement, specs: Sequence[TierSpec],
         policy_factory: Callable[[], EvictionPolicy], prefetch: PrefetchSettings,
@@ -97,7 +106,11 @@ class LowerTiers(PrefetchPath, Adoption):
                 # Its last place: a chunk after it in its chain, anywhere, needs it.
                 blocked=lambda e: e.children > 0 and not e.in_arena and len(e.lower or ()) <= 1,
             ), read_bytes_per_s=spec.read_bytes_per_s)
-        self._through = [b for b in self.books.values() if b.spec.write_through]
+        self._through = [b for b in self.books.values() if b.spec.write_through and b.spec.writes]
+        self._shared = [b for b in self.books.values() if b.spec.shared]
+        self._max_probe = MAX_PREFETCH_CHUNKS
+        self.probes: dict[int, ProbeJob] = {}  # job -> the probe in flight
+        self.probed: dict[bytes, tuple[int, float]] = {}  # first key -> (probe job or 0, until)
         # Lookups count hits per chunk only when some tier admits by them.
         self.counts_hits = any(s.admit_hits for s in specs)
         self.jobs: dict[int, _Job] = {}
@@ -118,19 +131,22 @@ class LowerTiers(PrefetchPath, Adoption):
 
     def may_leave_arena(self, entry: ChunkEntry) -> bool:
         """Could the entry leave the arena now without stranding chunks after it?"""
-        return entry.children == 0 or self.has_copy(entry) or self._target(entry) is not None
+        return entry.children == 0 or self.has_copy(entry) or any(self._targets(entry))
 
     def arena_victim(self, entry: ChunkEntry) -> bool:
         """The entry was chosen to leave the arena (it is evictable). True when its arena
         places are gone now; False when they stay: being written down, or kept."""
         placement = self.placement
+        started = False
+        for books in self._targets(entry):
+            if self._make_room(books, self._missing_bytes(entry, books), entry):
+                self._demote(entry, books, evicting=True)
+                started = True
+        if started:
+            return False
         if self.has_copy(entry):
             placement.drop_arena(entry)
             return True
-        books = self._target(entry)
-        if books is not None and self._make_room(books, self._missing_bytes(entry, books), entry):
-            self._demote(entry, books, evicting=True)
-            return False
         if entry.children == 0:
             admitting = [b for b in self.books.values() if self._admits(b, entry)]
             if admitting:
@@ -161,23 +177,23 @@ class LowerTiers(PrefetchPath, Adoption):
                     self.write_through(entry)
 
     def write_through(self, entry: ChunkEntry) -> None:
-        if not entry.complete or self.has_copy(entry):
+        """Write a complete chunk to every write-through tier that admits it and lacks it."""
+        if not entry.complete:
             return
         for books in self._through:
             if not self._admits(books, entry):
                 continue
             missing = self._missing_bytes(entry, books)
             if not missing:
-                return  # on its way already
+                continue  # held there, or on its way already
             if not self._fits_queue(entry, books) or not self._make_room(books, missing, entry):
                 books.counters.dropped_writes += 1
-                return
+                continue
             self._demote(entry, books, evicting=False)
-            return
 
     def _admits(self, books: TierBooks, entry: ChunkEntry) -> bool:
         # Chunks after it living only below make it worth its place whatever its hits.
-        return entry.hits >= books.spec.admit_hits or entry.children > 0
+        return books.spec.writes and (entry.hits >= books.spec.admit_hits or entry.children > 0)
 
     def _fits_queue(self, entry: ChunkEntry, books: TierBooks) -> bool:
         ranks = len(self._missing_ranks(entry, books))
@@ -186,12 +202,14 @@ class LowerTiers(PrefetchPath, Adoption):
             and ranks * books.spec.footprint(entry.slot_bytes) <= books.spec.capacity_bytes
         )
 
-    def _target(self, entry: ChunkEntry) -> TierBooks | None:
-        """The first tier that admits the entry and may take its missing ranks now."""
+    def _targets(self, entry: ChunkEntry):
+        """The tiers that admit the entry, lack some of its ranks and may take them now."""
         for books in self.books.values():
-            if self._admits(books, entry) and self._fits_queue(entry, books):
-                return books
-        return None
+            if (
+                self._admits(books, entry) and self._missing_ranks(entry, books)
+                and self._fits_queue(entry, books)
+            ):
+                yield books
 
     def _missing_ranks(self, entry: ChunkEntry, books: TierBooks) -> list[int]:
         below = entry.places_in(books.spec.name)
@@ -235,8 +253,11 @@ class LowerTiers(PrefetchPath, Adoption):
         books.in_flight += 1
         return job_id
 
-    def complete(self, done: DemotionDone | PrefetchDone) -> bool:
-        """Apply a copy's end; False for a job this core does not know (already applied)."""
+    def complete(self, done: DemotionDone | PrefetchDone | ProbeDone, now: float) -> bool:
+        """Apply a copy's or probe's end (``now``: the RPC thread's clock, for the deadlines
+        of loads a probe starts); False for a job this core does not know (already applied)."""
+        if isinstance(done, ProbeDone):
+            return self.probe_done(done, now)
         job = self.jobs.pop(done.job, None)
         if job is None or job.demote != isinstance(done, DemotionDone):
             if job is not None:

@@ -6,8 +6,8 @@ each copy's completion is posted to ``Completions``, which wakes the RPC loop at
 an in-process connection to its ROUTER socket; the RPC thread then applies it to the core.
 Workers never touch the core.
 
-Loads and deletes go before writes: a load is what an engine waits for, and a delete makes
-the room a queued write needs. Each effect adds one task to the pool, which runs whichever
+Probes, loads and deletes go before writes: a probe or a load is what an engine waits for, and
+a delete makes the room a queued write needs. Each effect adds one task to the pool, which runs whichever
 job is first by that order when a thread takes it.
 """
 
@@ -24,7 +24,8 @@ from concurrent.futures import Executor
 import zmq
 
 from kvdepot.server.effects import (
-    Completion, Delete, Demote, DemotionDone, Effect, Evicted, Prefetch, PrefetchDone,
+    Completion, Delete, Demote, DemotionDone, Effect, Evicted, Prefetch, PrefetchDone, Probe,
+    ProbeDone,
 )
 from kvdepot.server.locations import ARENA
 from kvdepot.server.tiers import Tier
@@ -118,6 +119,8 @@ class TierWorkers:
                 self._submit(self._first, self._prefetch, effect, PrefetchDone)
             elif kind is Delete:
                 self._submit(self._first, self._delete, effect, None)
+            elif kind is Probe:
+                self._submit(self._first, self._probe, effect, ProbeDone)
             else:
                 raise TypeError(f"unknown effect {effect!r}")
         if self.on_evicted is not None:
@@ -133,7 +136,9 @@ class TierWorkers:
                 _, effect = jobs.pop()  # ours, unless a thread took it (then it runs)
             except IndexError:
                 return
-            if done is not None:
+            if done is ProbeDone:
+                self.completions.post(ProbeDone(effect.job, 0, f"not started: {exc}"))  # type: ignore[union-attr]
+            elif done is not None:
                 self.completions.post(done(effect.job, False, f"not started: {exc}"))  # type: ignore[union-attr]
 
     def _run_next(self) -> None:
@@ -166,6 +171,14 @@ class TierWorkers:
         # is its share, so the core's estimate is the tier's speed, not one read's.
         sharing = max(1.0, (beside_at_start + beside_at_end) / 2)
         self.completions.post(PrefetchDone(job.job, ok, error, (time.perf_counter() - started) / sharing))
+
+    def _probe(self, job: Probe) -> None:
+        found, error = 0, ""
+        try:
+            found = self.tiers[job.tier].probe(job)
+        except Exception as exc:  # noqa: BLE001 - a tier that cannot answer is a miss
+            error = f"{type(exc).__name__}: {exc}"
+        self.completions.post(ProbeDone(job.job, found, error))
 
     def _delete(self, job: Delete) -> None:
         try:

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvdepot.server.effects import Delete, Demote, Prefetch
+from kvdepot import protocol as p
+from kvdepot.server.effects import Delete, Demote, Prefetch, Probe
 from kvdepot.server.locations import Where
 
 
@@ -55,6 +56,13 @@ class TierSpec:
     # The first estimate of how fast loads from the tier run (the core then follows its
     # measured reads): a load slower than recomputing its tokens is not started.
     read_bytes_per_s: float = 1e9
+    # Chunks are written to the tier (False: it is only read, what others wrote).
+    writes: bool = True
+    # Other servers write it too (a store shared across nodes): a lookup asks it
+    # (``Tier.probe``) for the chunks after those the index knows, and the core's places in
+    # it are what it last saw there. Forgetting a place deletes nothing: the chunk may be
+    # another node's hit, and the store evicts by its own policy.
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class TierIO:
     temp_files_removed: int = 0
     write_errors: int = 0
     read_errors: int = 0
+    already_stored: int = 0  # writes that found the chunk stored (by another node): not rewritten
     last_error: str = ""
 
 
@@ -105,4 +114,13 @@ class Tier(Protocol):
         """Remove what ``job.where`` holds; absent is not an error."""
 
     def scan(self) -> Iterator[StoredChunk]:
-        """At start: what the tier holds, cleaned of anything unreadable."""
+        """At start: what the tier holds, cleaned of anything unreadable (a shared tier: none;
+        it is probed on demand)."""
+
+    def probe(self, job: Probe) -> int:
+        """How many of ``job.keys``, from the first, the tier holds whole (every rank, the
+        right size, a readable format); a shared tier's only way to learn what it holds.
+        A tier that is not shared is never asked."""
+
+    def nodes(self) -> list[p.TierNode]:
+        """The servers behind the tier and their state, for status (a local tier: none)."""

@@ -39,7 +39,8 @@ from stat import S_ISREG
 
 import crc32c
 
-from kvdepot.server.effects import Delete, Demote, Prefetch
+from kvdepot import protocol as p
+from kvdepot.server.effects import Delete, Demote, Prefetch, Probe
 from kvdepot.server.locations import FileRef
 from kvdepot.server.tiers.base import StoredChunk, TierError, TierIO, TierSpec
 from kvdepot.server.tiers.chunkfile import (
@@ -215,6 +216,12 @@ class DiskTier:
             "".join(f", {n} ({why})" for why, n in sorted(removed.items())),
         )
         return iter(kept[::-1])
+
+    def probe(self, job: Probe) -> int:
+        raise TierError("the disk tier is local: the core knows what it holds")
+
+    def nodes(self) -> list[p.TierNode]:
+        return []
 
     # --- files ------------------------------------------------------------------------------
 
