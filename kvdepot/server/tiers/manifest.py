@@ -1,11 +1,14 @@
 """The remote tier's layout: a chunk rank as parts plus a manifest, under keys of one hash tag.
 
-One rank's bytes of a chunk are stored as parts of at most ``PART_BYTES`` (16 MiB: values of
-4-16 MiB read fastest from Redis/Valkey here, 64 MiB slowest; a smaller value also keeps a
-server's event loop responsive) and a manifest, written last:
+One rank's bytes of a chunk are stored as parts of at most ``PART_BYTES`` (just under 16 MiB:
+values of 4-16 MiB read fastest from Redis/Valkey here, 64 MiB slowest; a smaller value also
+keeps a server's event loop responsive) and a manifest, written last:
 
-    <prefix>:{<namespace hex><key hex>}:<rank>:m      the manifest
-    <prefix>:{<namespace hex><key hex>}:<rank>:<i>    part i, i = 0 .. parts - 1
+    <prefix>:v<version>:{<namespace hex><key hex>}:<rank>:m      the manifest
+    <prefix>:v<version>:{<namespace hex><key hex>}:<rank>:<i>    part i, i = 0 .. parts - 1
+
+The format version is in every key: servers of two versions sharing a cluster (a rolling
+upgrade) each read and write their own keys, never each other's.
 
 Everything between the braces is the hash tag: every key of a chunk (all its ranks) lives on
 one shard, so a chunk is written and read in one pipeline on one connection. The namespace
@@ -41,7 +44,10 @@ from kvdepot.protocol import KEY_BYTES
 
 MAGIC = b"KVDR"
 FORMAT_VERSION = 1
-PART_BYTES = 16 << 20
+# 64 bytes under 16 MiB: Redis' allocator (jemalloc) keeps a value with its headers in the
+# next size class up, and a value of exactly 16 MiB takes 20 MiB of server memory (MEMORY
+# USAGE, Redis 7.0 here); 64 bytes less takes 16 MiB.
+PART_BYTES = (16 << 20) - 64
 _FIXED = struct.Struct("<4sHH16s16sIQII")
 _U32 = struct.Struct("<I")
 MAX_PARTS = 1 << 16  # a rank of 1 TiB: anything more is not a manifest of ours
@@ -116,5 +122,7 @@ class ChunkKeys:
 def chunk_keys(prefix: bytes, namespace: bytes, key: bytes, rank: int) -> ChunkKeys:
     if len(namespace) != KEY_BYTES or len(key) != KEY_BYTES:
         raise ValueError("namespace digests and chunk keys are 16 bytes")
-    base = b"%s:{%s%s}:%d:" % (prefix, namespace.hex().encode(), key.hex().encode(), rank)
+    base = b"%s:v%d:{%s%s}:%d:" % (
+        prefix, FORMAT_VERSION, namespace.hex().encode(), key.hex().encode(), rank,
+    )
     return ChunkKeys(base + b"m", base)
