@@ -39,10 +39,12 @@ from kvdepot.server.tiers.cluster_config import (
 )
 from kvdepot.server.tiers.cluster_io import AUTH_CODES, NodeIO
 from kvdepot.server.tiers.cluster_nodes import SLOTS, Node, parse_cluster_slots, parse_redirect
-from kvdepot.server.tiers.resp import Call, Reply, RespErrorReply, RespProtocolError, checked_call
+from kvdepot.server.tiers.resp import (
+    Call, Filled, Reply, RespErrorReply, RespProtocolError, checked_call,
+)
 
 __all__ = [
-    "Call", "NodeStats", "RemoteAuthError", "RemoteClient", "RemoteError", "RemoteSettings",
+    "Call", "Filled", "NodeStats", "RemoteAuthError", "RemoteClient", "RemoteError", "RemoteSettings",
     "RemoteTimeout", "RemoteUnavailable", "Reply", "RespErrorReply",
 ]
 

@@ -1,8 +1,9 @@
 """The remote tier's layout: a chunk rank as parts plus a manifest, under keys of one hash tag.
 
-One rank's bytes of a chunk are stored as parts of at most ``PART_BYTES`` (just under 16 MiB:
-values of 4-16 MiB read fastest from Redis/Valkey here, 64 MiB slowest; a smaller value also
-keeps a server's event loop responsive) and a manifest, written last:
+One rank's bytes of a chunk are stored as parts of at most ``PART_BYTES`` (just under 4 MiB:
+Redis 7.0 serves values of 8 MiB and more at half the speed of 1-4 MiB ones here (a fresh
+reply buffer faulted in per GET: bench/remote_tier.py), Valkey 9.1 as fast; a small value also
+keeps a server's event loop responsive; a 40 MiB chunk is 10 parts, read in one pipeline) and a manifest, written last:
 
     <prefix>:v<version>:{<namespace hex><key hex>}:<rank>:m      the manifest
     <prefix>:v<version>:{<namespace hex><key hex>}:<rank>:<i>    part i, i = 0 .. parts - 1
@@ -43,11 +44,11 @@ import crc32c
 from kvdepot.protocol import KEY_BYTES
 
 MAGIC = b"KVDR"
-FORMAT_VERSION = 1
-# 64 bytes under 16 MiB: Redis' allocator (jemalloc) keeps a value with its headers in the
-# next size class up, and a value of exactly 16 MiB takes 20 MiB of server memory (MEMORY
-# USAGE, Redis 7.0 here); 64 bytes less takes 16 MiB.
-PART_BYTES = (16 << 20) - 64
+FORMAT_VERSION = 2  # 1: 16 MiB parts
+# 64 bytes under 4 MiB: Redis' allocator (jemalloc) keeps a value with its headers in the
+# next size class up (a value of exactly 16 MiB takes 20 MiB of server memory, MEMORY USAGE,
+# Redis 7.0 here); 64 bytes less stays in the class.
+PART_BYTES = (4 << 20) - 64
 _FIXED = struct.Struct("<4sHH16s16sIQII")
 _U32 = struct.Struct("<I")
 MAX_PARTS = 1 << 16  # a rank of 1 TiB: anything more is not a manifest of ours

@@ -35,7 +35,7 @@ from kvdepot import protocol as p
 from kvdepot.server.effects import Delete, Demote, Prefetch, Probe
 from kvdepot.server.locations import RemoteKey
 from kvdepot.server.tiers.base import StoredChunk, TierError, TierIO, TierSpec
-from kvdepot.server.tiers.cluster import Call, RemoteClient, RemoteError
+from kvdepot.server.tiers.cluster import Call, Filled, RemoteClient, RemoteError
 from kvdepot.server.tiers.manifest import (
     PART_BYTES, BadManifest, ChunkKeys, Manifest, OtherVersion, chunk_keys, part_spans, unpack,
 )
@@ -130,7 +130,7 @@ class RemoteTier:
         keys = chunk_keys(self.prefix, job.namespace, job.key, job.rank)
         spans = part_spans(job.nbytes)
         calls = [Call((b"GET", keys.manifest))] + [
-            Call((b"GET", keys.part(i)), into=target[off : off + n])
+            Call((b"GET", keys.part(i)), into=target[off : off + n], checksum=True)
             for i, (off, n) in enumerate(spans)
         ]
         deadline = time.monotonic() + self.timeout_s
@@ -144,7 +144,7 @@ class RemoteTier:
         finally:
             del calls  # the views into the arena slot go now
         try:
-            self._check_read(job, target, spans, replies)
+            self._check_read(job, spans, replies)
         except BadManifest as exc:
             counter = "read_errors" if isinstance(exc, _Gone) else "bad_files"
             if isinstance(exc, _CorruptPart):
@@ -249,9 +249,7 @@ class RemoteTier:
             self.io.already_stored += 1
         return True
 
-    def _check_read(
-        self, job: Prefetch, target: memoryview, spans: list[tuple[int, int]], replies: list
-    ) -> None:
+    def _check_read(self, job: Prefetch, spans: list[tuple[int, int]], replies: list) -> None:
         head = replies[0]
         if head is None:
             raise _Gone("no manifest (expired, evicted, or never stored)")
@@ -264,12 +262,14 @@ class RemoteTier:
             raise BadManifest("the manifest names another chunk")
         if manifest.part_bytes != PART_BYTES or len(manifest.part_crcs) != len(spans):
             raise BadManifest("the manifest's parts do not match this chunk's size")
-        for i, ((off, n), got, crc) in enumerate(zip(spans, replies[1:], manifest.part_crcs)):
+        # The parts' CRCs were computed as their bytes arrived (Call.checksum): the slot is
+        # not read a second time.
+        for i, ((_off, n), got, crc) in enumerate(zip(spans, replies[1:], manifest.part_crcs)):
             if got is None:
                 raise _Gone(f"part {i} is gone (evicted)")
-            if got != n:
+            if not isinstance(got, Filled):
                 raise _CorruptPart(f"part {i} holds {got!r} bytes, the manifest says {n}")
-            if crc32c.crc32c(target[off : off + n]) != crc:
+            if got.crc32c != crc:
                 raise _CorruptPart(f"part {i} checksum (CRC32C) mismatch")
 
     def _delete_debris(self, keys: ChunkKeys, parts: int) -> None:

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
+import crc32c
+
 _READ_CHUNK = 64 * 1024  # read buffer: replies' headers and small values
 # Arguments up to this size are copied into a header buffer (one iovec instead of three).
 _INLINE_MAX = 16 * 1024
@@ -75,7 +77,7 @@ class RespErrorReply:
         return self.message
 
 
-Reply = Union[bytes, int, None, list, RespErrorReply]
+Reply = Union[bytes, int, None, list, RespErrorReply, "Filled"]
 Arg = Union[bytes, bytearray, memoryview]
 
 
@@ -89,10 +91,21 @@ class Call(NamedTuple):
     reply is then the value's length (int), or None for nil. A value of another length is
     read and thrown away, and only its length is returned (``into`` untouched). Other
     replies (an error reply...) are returned as usual.
+    ``checksum``: with ``into``, a value read into it is answered as ``Filled`` (its length
+    and its CRC32C, computed piece by piece as the pieces arrive, while they are still in the
+    CPU's cache: the caller need not read the bytes again to verify them).
     """
 
     args: tuple[Arg, ...]
     into: memoryview | None = None
+    checksum: bool = False
+
+
+class Filled(NamedTuple):
+    """A value read into a ``Call.into`` with ``checksum``: its length and CRC32C."""
+
+    nbytes: int
+    crc32c: int
 
 
 def checked_call(call: Call) -> Call:
@@ -108,7 +121,7 @@ def checked_call(call: Call) -> Call:
         if not isinstance(into, memoryview) or into.readonly:
             raise ValueError("into must be a writable memoryview")
         into = _flat(into, "into")
-    return Call(args, into)
+    return Call(args, into, call.checksum and into is not None)
 
 
 def _flat(arg, what: str) -> Arg:
@@ -206,7 +219,7 @@ class Connection:
         OSError, ssl.SSLError or RespProtocolError when the exchange fails (close it then)."""
         calls = [checked_call(call) for call in calls]
         self.send(encode(calls), deadline)
-        return [self.read_reply(deadline, call.into) for call in calls]
+        return [self.read_reply(deadline, call.into, call.checksum) for call in calls]
 
     # -- sending
 
@@ -241,8 +254,11 @@ class Connection:
 
     # -- receiving
 
-    def read_reply(self, deadline: float, into: memoryview | None = None) -> Reply:
-        """Read one reply; ``into`` as in ``Call`` (a flat writable byte view)."""
+    def read_reply(
+        self, deadline: float, into: memoryview | None = None, checksum: bool = False
+    ) -> Reply:
+        """Read one reply; ``into`` and ``checksum`` as in ``Call`` (a flat writable byte
+        view)."""
         line = self._read_line(deadline)
         kind, rest = line[:1], line[1:]
         if kind == b"$":
@@ -252,7 +268,7 @@ class Connection:
             elif into is None:
                 reply = self._read_bulk(size, deadline)
             else:
-                reply = self._read_bulk_into(size, into, deadline)
+                reply = self._read_bulk_into(size, into, deadline, checksum)
         elif kind == b"+":
             reply = rest
         elif kind == b"-":
@@ -310,18 +326,31 @@ class Connection:
         self._expect_crlf(deadline)
         return value
 
-    def _read_bulk_into(self, size: int, into: memoryview, deadline: float) -> int:
+    def _read_bulk_into(
+        self, size: int, into: memoryview, deadline: float, checksum: bool
+    ) -> int | Filled:
         if size != into.nbytes:
             self._skip(size, deadline)
+            reply: int | Filled = size
+        elif checksum:
+            reply = Filled(size, self._read_exact(into, deadline, crc32c.crc32c))
         else:
             self._read_exact(into, deadline)
+            reply = size
         self._expect_crlf(deadline)
-        return size
+        return reply
 
-    def _read_exact(self, into: memoryview, deadline: float) -> None:
+    def _read_exact(self, into: memoryview, deadline: float, crc=None) -> int:
+        """Fill ``into``; with ``crc`` (crc32c.crc32c), the CRC of what arrived, updated as
+        each piece lands (0 without)."""
         got = self._take(into)
+        value = crc(into[:got]) if crc is not None else 0
         while got < into.nbytes:
-            got += self._recv_into(into[got:], deadline)
+            n = self._recv_into(into[got:], deadline)
+            if crc is not None:
+                value = crc(into[got:got + n], value)
+            got += n
+        return value
 
     def _skip(self, count: int, deadline: float) -> None:
         """Read ``count`` bytes and throw them away, through the read buffer."""
