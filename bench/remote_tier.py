@@ -66,7 +66,7 @@ from kvdepot.client import KVDepotClient  # noqa: E402
 from kvdepot.protocol import KVGeometry  # noqa: E402
 from kvdepot.server.effects import Demote, Prefetch  # noqa: E402
 from kvdepot.server.locations import ArenaSlot  # noqa: E402
-from kvdepot.server.tiers.cluster import RemoteClient, RemoteSettings  # noqa: E402
+from kvdepot.server.tiers.resp import RemoteClient, RemoteSettings  # noqa: E402
 from kvdepot.server.tiers.manifest import chunk_keys, part_spans  # noqa: E402
 from kvdepot.server.tiers.remote import RemoteTier  # noqa: E402
 

@@ -500,7 +500,7 @@ def commands_the_client_sends() -> set[str]:
     """Every command the remote tier's sources build: the leading bytes literals of a command
     tuple, (b"CLUSTER", b"SLOTS") as CLUSTER|SLOTS."""
     sent = set()
-    for path in (REPO_ROOT / "kvdepot" / "server" / "tiers").glob("*.py"):
+    for path in (REPO_ROOT / "kvdepot" / "server" / "tiers").rglob("*.py"):
         for m in re.finditer(r'\(\s*b"([A-Z]+)"\s*(?:,\s*b"([A-Z]+)")?', path.read_text()):
             name, sub = m.groups()
             sent.add(f"{name}|{sub}" if name in SUBCOMMAND_CONTAINERS and sub else name)

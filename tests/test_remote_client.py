@@ -1,4 +1,4 @@
-"""The remote tier's RESP / Redis Cluster client (kvdepot/server/tiers/cluster.py, resp.py)
+"""The remote tier's RESP / Redis Cluster client (kvdepot/server/tiers/resp/)
 against real redis-server / valkey-server processes: single servers (ACL, TLS, mutual TLS)
 and 3-master + 3-replica clusters (routing, MOVED, ASK, a stalled node, a killed master and
 its replica's promotion). Values live in a /dev/shm mapping, like the arena's."""
@@ -23,11 +23,11 @@ from redis_support import (  # noqa: E402
     RedisCluster, RedisServer, free_port, make_tls_files, raw_get, server_binary, slot_tags,
 )
 
-from kvdepot.server.tiers.cluster import (  # noqa: E402
+from kvdepot.server.tiers.resp import (  # noqa: E402
     Call, RemoteAuthError, RemoteClient, RemoteSettings, RemoteTimeout, RemoteUnavailable,
     RespErrorReply,
 )
-from kvdepot.server.tiers import resp  # noqa: E402
+from kvdepot.server.tiers.resp import wire  # noqa: E402
 
 MiB = 1 << 20
 
@@ -540,7 +540,7 @@ def test_throughput_report(kind, tmp_path, arena, monkeypatch):
     with RedisServer(tmp_path, binary=server_binary(kind)) as srv:
         figures = {}
         for label, buffers in [("4 MiB buffers", 4 * MiB), ("kernel buffers", 0)]:
-            monkeypatch.setattr(resp, "SOCKET_BUFFER_BYTES", buffers)
+            monkeypatch.setattr(wire, "SOCKET_BUFFER_BYTES", buffers)
             with RemoteClient(RemoteSettings(urls=(srv.url,))) as client:
                 t0 = time.perf_counter()
                 client.run([Call((b"SET", b"bench", src))], soon(30))

@@ -20,7 +20,7 @@ from test_disk_tier import Arena, chunk_bytes
 from kvdepot.server.effects import Delete, Demote, Prefetch, Probe
 from kvdepot.server.locations import ArenaSlot
 from kvdepot.server.tiers import TierError
-from kvdepot.server.tiers.cluster import RemoteClient, RemoteSettings
+from kvdepot.server.tiers.resp import RemoteClient, RemoteSettings
 from kvdepot.server.tiers.manifest import FORMAT_VERSION, PART_BYTES, chunk_keys
 from kvdepot.server.tiers.remote import RemoteTier
 

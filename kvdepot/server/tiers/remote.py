@@ -3,7 +3,7 @@
 The cluster does the hard parts: it shards keys over its masters (hash slots), replicates
 them, fails over, evicts under ``maxmemory`` and expires keys (every key is written with the
 tier's TTL). This tier only lays chunks out (manifest.py), moves their bytes between the
-arena and the cluster through kvdepot's own RESP client (cluster.py: straight from and into
+arena and the cluster through kvdepot's own RESP client (resp/: straight from and into
 the arena's pages), and checks everything it reads.
 
 - Writes (``write``): if the chunk's manifest is there already (another node stored the same
@@ -35,7 +35,7 @@ from kvdepot import protocol as p
 from kvdepot.server.effects import Delete, Demote, Prefetch, Probe
 from kvdepot.server.locations import RemoteKey
 from kvdepot.server.tiers.base import StoredChunk, TierError, TierIO, TierSpec
-from kvdepot.server.tiers.cluster import Call, Filled, RemoteClient, RemoteError
+from kvdepot.server.tiers.resp import Call, Filled, RemoteClient, RemoteError
 from kvdepot.server.tiers.manifest import (
     PART_BYTES, BadManifest, ChunkKeys, Manifest, OtherVersion, chunk_keys, part_spans, unpack,
 )

@@ -1,4 +1,4 @@
-"""The remote tier client's errors, settings and per-node statistics (the client: cluster.py).
+"""The remote tier client's errors, settings and per-node statistics (the client: client.py).
 
 Everything here is plain data checked at construction: a bad URL, timeout or TLS file raises
 ValueError naming the field, before any connection is tried.

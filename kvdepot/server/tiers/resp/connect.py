@@ -1,5 +1,5 @@
 """Connections to one node: opening them (TCP, TLS, AUTH) and running one pipeline on one,
-with what can go wrong turned into RemoteErrors and the node's backoff. Used by cluster.py.
+with what can go wrong turned into RemoteErrors and the node's backoff. Used by client.py.
 
 Which error:
 
@@ -18,11 +18,11 @@ import ssl
 import time
 from collections.abc import Callable
 
-from kvdepot.server.tiers.cluster_config import (
+from kvdepot.server.tiers.resp.settings import (
     RemoteAuthError, RemoteError, RemoteSettings, RemoteTimeout, RemoteUnavailable,
 )
-from kvdepot.server.tiers.cluster_nodes import Node
-from kvdepot.server.tiers.resp import (
+from kvdepot.server.tiers.resp.nodes import Node
+from kvdepot.server.tiers.resp.wire import (
     Call, Connection, PeerClosed, Reply, RespErrorReply, RespProtocolError, TlsHandshakeFailed,
 )
 

@@ -1,5 +1,5 @@
 """One remote node's connection pool, backoff and counters; reading the cluster's topology
-(CLUSTER SLOTS) and redirections (MOVED / ASK). Used by cluster.py."""
+(CLUSTER SLOTS) and redirections (MOVED / ASK). Used by client.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import random
 import threading
 import time
 
-from kvdepot.server.tiers.cluster_config import (
+from kvdepot.server.tiers.resp.settings import (
     Endpoint, NodeStats, RemoteTimeout, RemoteUnavailable,
 )
-from kvdepot.server.tiers.resp import Connection, RespErrorReply, RespProtocolError
+from kvdepot.server.tiers.resp.wire import Connection, RespErrorReply, RespProtocolError
 
 SLOTS = 16384
 

@@ -18,9 +18,9 @@ mode), for the remote tier.
 - ``run_many``: pipelines grouped by node, one round trip per node, nodes in parallel (the
   first on the calling thread, the others on the client's threads).
 
-Wire encoding and reply parsing: resp.py; opening connections, AUTH, one exchange and its
-errors: cluster_io.py; node pools and topology parsing: cluster_nodes.py; settings, errors,
-statistics: cluster_config.py.
+Wire encoding and reply parsing: wire.py; opening connections, AUTH, one exchange and its
+errors: connect.py; node pools and topology parsing: nodes.py; settings, errors,
+statistics: settings.py.
 """
 
 from __future__ import annotations
@@ -33,20 +33,15 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 from redis.crc import key_slot
 
-from kvdepot.server.tiers.cluster_config import (
+from kvdepot.server.tiers.resp.connect import AUTH_CODES, NodeIO
+from kvdepot.server.tiers.resp.nodes import SLOTS, Node, parse_cluster_slots, parse_redirect
+from kvdepot.server.tiers.resp.settings import (
     Endpoint, NodeStats, RemoteAuthError, RemoteError, RemoteSettings, RemoteTimeout,
     RemoteUnavailable,
 )
-from kvdepot.server.tiers.cluster_io import AUTH_CODES, NodeIO
-from kvdepot.server.tiers.cluster_nodes import SLOTS, Node, parse_cluster_slots, parse_redirect
-from kvdepot.server.tiers.resp import (
-    Call, Filled, Reply, RespErrorReply, RespProtocolError, checked_call,
+from kvdepot.server.tiers.resp.wire import (
+    Call, Reply, RespErrorReply, RespProtocolError, checked_call,
 )
-
-__all__ = [
-    "Call", "Filled", "NodeStats", "RemoteAuthError", "RemoteClient", "RemoteError", "RemoteSettings",
-    "RemoteTimeout", "RemoteUnavailable", "Reply", "RespErrorReply",
-]
 
 log = logging.getLogger("kvdepot.server")
 
