@@ -62,6 +62,18 @@ for s in $stages; do
             --modes kvdepot-store kvdepot-load kvdepot-disk --out "$out/vllm_gpu_ttft_disk.json"
         grep -E "^ +[0-9]+ |: disk hit|: kvdepot hit|disk tier at|raw .* I/O|page cache" \
             "$out/vllm_gpu_ttft_disk.log" ;;
+    multi-round) stage vllm_multi_round 540 python3 bench/vllm_multi_round.py \
+            --systems gpu-all offload kvdepot --out "$out/vllm_multi_round.json"
+        grep -E "^(system|gpu-all|offload|kvdepot|nocache) |WARNING" "$out/vllm_multi_round.log" ;;
+    multi-round-nocache) stage vllm_multi_round_nocache 240 python3 bench/vllm_multi_round.py \
+            --systems nocache --out "$out/vllm_multi_round_nocache.json"
+        grep -E "^(system|nocache) " "$out/vllm_multi_round_nocache.log" ;;
+    multi-round-trace) stage vllm_multi_round_trace 240 python3 bench/vllm_multi_round.py \
+            --systems kvdepot --trace --out "$out/vllm_multi_round_trace.json"
+        grep -E "^(system|kvdepot) |^trace |WARNING" "$out/vllm_multi_round_trace.log" ;;
+    partial-hit) stage vllm_partial_hit 480 python3 bench/vllm_multi_round.py --mode partial-hit \
+            --max-batched 34816 --out "$out/vllm_partial_hit.json"
+        grep -A8 "^partial hit" "$out/vllm_partial_hit.log" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
