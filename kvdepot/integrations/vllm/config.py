@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from kvdepot.connector.settings import ConnectorSettings
+from kvdepot.connector.settings import ConnectorSettings, curve_key_paths
 
 _ALIASES = {
     "host": ("kvdepot.host", "lmcache.mp.host"),
@@ -92,4 +92,5 @@ def settings_from_extra_config(extra: Mapping[str, Any] | None) -> ConnectorSett
         retry_s=float(_get(extra, "retry_s", d.retry_s)),
         preempt_wait_ms=int(_get(extra, "preempt_wait_ms", d.preempt_wait_ms)),
         shutdown_wait_ms=int(_get(extra, "shutdown_wait_ms", d.shutdown_wait_ms)),
+        **curve_key_paths(extra),
     )
