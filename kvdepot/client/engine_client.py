@@ -2,7 +2,9 @@
 
 Guarantees to the engine:
 - no call blocks longer than its deadline (``timeout_ms``); a silent server raises
-  ServerUnavailable, which callers treat as a miss;
+  ServerUnavailable, which callers treat as a miss; a server that refuses this client
+  (CURVE: no key, an unknown key, the wrong server key) raises AuthenticationFailed, a
+  ServerUnavailable that says why, as soon as the handshake fails;
 - a server restart is noticed (new boot id in the handshake): namespaces are registered again
   by themselves, the arena is mapped anew, ``epoch`` goes up, and the call that noticed raises
   ServerRestarted, so nothing obtained from the old server (leases, reservations, offsets) is
@@ -19,132 +21,27 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 
 from kvdepot import protocol as p
 from kvdepot.client.arena import ArenaMapping
+from kvdepot.client.channel import Channel
+from kvdepot.client.curve import ClientCurve
+from kvdepot.client.errors import (
+    ArenaMismatch,
+    AuthenticationFailed,
+    KVDepotError,
+    ServerRestarted,
+    ServerUnavailable,
+)
+from kvdepot.client.liveness import heartbeat_loop
+from kvdepot.client.results import Acquired, LookupResult, Namespace, PendingReply, Reservation
+from kvdepot.client.strays import Strays
 from kvdepot.keys import chunk_keys
 
 log = logging.getLogger("kvdepot.client")
-
-
-class KVDepotError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(f"[{_code_name(code)}] {message}")
-        self.code = code
-        self.message = message
-
-
-class ServerUnavailable(KVDepotError):
-    """No reply within the deadline, or no connection: treat as a miss."""
-
-
-class ServerRestarted(KVDepotError):
-    """The server's boot id changed: everything obtained before is void."""
-
-
-class ArenaMismatch(ServerUnavailable):
-    """The server answers, but the shared-memory segment this engine can map is not that
-    server boot's (another server's under the same name, a stale one, none, or another
-    /dev/shm): writing there would corrupt someone else's chunks, so the server is treated as
-    unavailable. Code ARENA_MISMATCH; the message says what was found."""
-
-
-def _code_name(code: int) -> str:
-    try:
-        return p.ErrorCode(code).name
-    except ValueError:
-        return str(code)
-
-
-@dataclass
-class Namespace:
-    """A registered (model, geometry, world size, salt). ``id`` may change after a restart;
-    ``digest`` (and so every key) never does."""
-
-    id: int
-    digest: bytes
-    slot_bytes: int
-    chunk_tokens: int
-    model: str
-    geometry: p.KVGeometry
-    world_size: int
-    salt: str
-
-
-@dataclass(frozen=True)
-class LookupResult:
-    hit_chunks: int
-    lease: int
-    epoch: int
-    # With a lease and a hit: every rank's slot offset of every hit chunk, rank-major (see
-    # protocol.LookupReply); empty without a lease or from a server that predates the field.
-    offsets: list[int] = field(default_factory=list)
-    # Chunks after the hits the server is loading from a lower tier (disk) for this lookup,
-    # held by its lease: ask again for them; 0 from a server that predates the field.
-    pending: int = 0
-
-    def rank_offsets(self, rank: int) -> list[int]:
-        """Rank ``rank``'s slot offsets of the hit chunks, in prefix order; empty when the
-        reply carried no offsets (then the rank needs an Acquire to load)."""
-        if not self.offsets or not self.hit_chunks:
-            return []
-        world_size = len(self.offsets) // self.hit_chunks
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        return self.offsets[rank * self.hit_chunks : (rank + 1) * self.hit_chunks]
-
-
-@dataclass(frozen=True)
-class Reservation:
-    id: int
-    status: list[int]
-    offsets: list[int]
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Acquired:
-    lease: int
-    offsets: list[int]
-    epoch: int
-
-
-class PendingReply:
-    """A request in flight; poll with ready(), collect with result()."""
-
-    def __init__(self, client: "KVDepotClient", req_id: int, deadline: float, convert):
-        self._client = client
-        self._req_id = req_id
-        self._deadline = deadline
-        self._convert = convert
-        self._reply: p.Reply | None = None
-
-    def ready(self) -> bool:
-        if self._reply is None:
-            self._reply = self._client._collect(self._req_id, 0.0)
-        return self._reply is not None or time.monotonic() >= self._deadline
-
-    def abandon(self) -> None:
-        """Nobody will take the result: whatever it grants (a lease, a reservation) is given
-        back to the server, now if it has arrived, else when it does."""
-        with self._client._lock:
-            if self._reply is not None:
-                self._client._reclaim(self._reply)
-                self._reply = None
-            else:
-                self._client._forget(self._req_id)
-
-    def result(self):
-        if self._reply is None:
-            self._reply = self._client._collect(self._req_id, self._deadline)
-        if self._reply is None:
-            with self._client._lock:
-                raise self._client._timed_out(self._req_id)
-        return self._convert(self._client._check(self._reply))
 
 
 class KVDepotClient:
@@ -157,7 +54,10 @@ class KVDepotClient:
         timeout_ms: int = 1000,
         heartbeat: bool = True,
         prefault: bool = True,
+        curve: ClientCurve | None = None,
     ):
+        """``curve``: the keys for a server that requires CURVE (ClientCurve.from_files);
+        None speaks to a server without authentication only."""
         self.endpoint = f"tcp://{'127.0.0.1' if host == 'localhost' else host}:{port}"
         self.engine_id = engine_id or f"engine-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.timeout_s = timeout_ms / 1000.0
@@ -172,38 +72,20 @@ class KVDepotClient:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._parked: dict[int, p.Reply] = {}
-        self._abandoned: set[int] = set()
-        # Leases and reservations granted in replies that nobody waited for any more (a lookup
-        # answered after its deadline, a request aborted while its lookup was in flight): given
-        # back with the next request, not left to pin chunks until their TTL.
-        self._stray_leases: list[int] = []
-        self._stray_reservations: list[int] = []
+        self._strays = Strays()
         self._last_send = 0.0
         self._down_until = 0.0  # after a silent server, fail fast until then
         self._backoff_s = 0.0
         self._closed = False
-        self._ctx = zmq.Context()
-        self._socket = self._new_socket()
-        # One long-lived poller: Socket.poll() builds a new one per call, which showed up in
-        # every round trip.
-        self._poller = zmq.Poller()
-        self._poller.register(self._socket, zmq.POLLIN)
+        self.last_error: KVDepotError | None = None  # why the latest connect() failed
+        self._channel = Channel(self.endpoint, curve)
+        self._socket, self._poller = self._channel.socket, self._channel.poller
         self._heartbeat_thread = None
         if heartbeat:
             self._heartbeat_thread = threading.Thread(
-                target=self._heartbeat_loop, name="kvdepot-heartbeat", daemon=True
+                target=heartbeat_loop, args=(self,), name="kvdepot-heartbeat", daemon=True
             )
             self._heartbeat_thread.start()
-
-    def _new_socket(self) -> zmq.Socket:
-        s = self._ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        # Never queue requests for a server that is not there: they would arrive late.
-        s.setsockopt(zmq.IMMEDIATE, 1)
-        s.setsockopt(zmq.RECONNECT_IVL, 100)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        s.connect(self.endpoint)
-        return s
 
     # --- connection -------------------------------------------------------------------------
 
@@ -212,20 +94,30 @@ class KVDepotClient:
         return self.boot_id is not None
 
     def connect(self) -> bool:
-        """Handshake within the deadline; False (never raises) if the server is unreachable."""
+        """Handshake within the deadline; False (never raises) if the server is unreachable
+        or refuses this client (``last_error`` says why: an AuthenticationFailed, or a
+        ServerUnavailable, ...)."""
         try:
             self._handshake()
+            self.last_error = None
             return True
         except KVDepotError as exc:
             log.debug("kvdepot server at %s not reachable: %s", self.endpoint, exc)
+            self.last_error = exc
             return False
 
     def _handshake(self) -> None:
         with self._lock:
-            reply = self._call_raw(
-                p.Hello(req_id=0, protocol_version=p.PROTOCOL_VERSION,
-                        engine_id=self.engine_id, pid=os.getpid())
-            )
+            hello = p.Hello(req_id=0, protocol_version=p.PROTOCOL_VERSION,
+                            engine_id=self.engine_id, pid=os.getpid())
+            try:
+                reply = self._call_raw(hello)
+            except KVDepotError as exc:
+                # The one BAD_REQUEST a Hello gets: its CURVE key is no longer allowed.
+                if exc.code != int(p.ErrorCode.BAD_REQUEST):
+                    raise
+                raise AuthenticationFailed(exc.code, f"the cache server at {self.endpoint} "
+                                                     f"refused a session: {exc.message}") from None
             assert isinstance(reply, p.HelloReply)
             restarted = self.boot_id is not None and reply.boot_id != self.boot_id
             if reply.boot_id != self.boot_id:
@@ -260,7 +152,7 @@ class KVDepotClient:
             old.close()
         self.boot_id = hello.boot_id
         self.epoch += 1
-        self._stray_leases, self._stray_reservations = [], []  # void with the old boot
+        self._strays.void()
         self.chunk_tokens = hello.chunk_tokens
         self.heartbeat_s = hello.heartbeat_ms / 1000.0
         for ns in self._namespaces:
@@ -293,8 +185,8 @@ class KVDepotClient:
         self._give_back_strays()
         req_id = next(self._ids)
         request.req_id = req_id  # type: ignore[attr-defined]
-        if connect_wait_s and not self._socket.poll(int(connect_wait_s * 1000), zmq.POLLOUT):
-            raise ServerUnavailable(0, f"cannot connect to the cache server at {self.endpoint}")
+        if connect_wait_s:  # raises AuthenticationFailed at once when the server refuses us
+            self._channel.wait_connected(connect_wait_s)
         try:
             self._socket.send(p.encode(request), zmq.NOBLOCK)
         except zmq.Again:
@@ -327,44 +219,26 @@ class KVDepotClient:
                     continue
                 if reply.req_id == req_id:
                     return reply
-                if reply.req_id in self._abandoned:
-                    self._abandoned.discard(reply.req_id)
-                    self._reclaim(reply)
-                elif reply.req_id:
+                if not self._strays.take(reply) and reply.req_id:
                     self._parked[reply.req_id] = reply
-
-    def _reclaim(self, reply: p.Reply) -> None:
-        """(under _lock) Note what an unwanted reply holds on the server, to give it back."""
-        for r in reply.replies if isinstance(reply, p.BatchReply) else (reply,):
-            if isinstance(r, (p.LookupReply, p.AcquireReply)) and r.lease:
-                self._stray_leases.append(r.lease)
-            elif isinstance(r, p.ReserveReply) and r.reservation:
-                self._stray_reservations.append(r.reservation)
 
     def _give_back_strays(self) -> None:
         """(under _lock) Release stray leases and abort stray reservations; their replies are
         not awaited (a failure leaves them to their TTL, as before)."""
-        if not (self._stray_leases or self._stray_reservations) or self.boot_id is None:
+        if self.boot_id is None:
             return
-        requests: list[msgspec.Struct] = []
-        if self._stray_leases:
-            requests.append(p.Release(req_id=0, leases=self._stray_leases))
-        requests += [p.Abort(req_id=0, reservation=r) for r in self._stray_reservations]
-        self._stray_leases, self._stray_reservations = [], []
-        for request in requests:
+        for request in self._strays.requests():
             req_id = next(self._ids)
             request.req_id = req_id  # type: ignore[attr-defined]
             try:
                 self._socket.send(p.encode(request), zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._abandoned.add(req_id)
+            self._strays.abandon(req_id)
 
     def _forget(self, req_id: int) -> None:
         with self._lock:
-            self._abandoned.add(req_id)
-            if len(self._abandoned) > 10000:
-                self._abandoned.clear()
+            self._strays.abandon(req_id)
 
     def _call_raw(self, request: msgspec.Struct) -> p.Reply:
         """For the handshake and registrations: may wait for the connection to come up, within
@@ -513,30 +387,6 @@ class KVDepotClient:
     def arena_array(self):
         return self.arena().array
 
-    # --- liveness ---------------------------------------------------------------------------
-
-    def _heartbeat_loop(self) -> None:
-        while not self._closed:
-            time.sleep(min(self.heartbeat_s, 1.0) / 2)
-            if self._closed or self.boot_id is None:
-                continue
-            if time.monotonic() - self._last_send < self.heartbeat_s:
-                continue
-            try:
-                with self._lock:
-                    if self._closed:
-                        return
-                    req_id = self._send(p.Heartbeat(req_id=0))
-                    reply = self._collect(req_id, time.monotonic() + self.timeout_s)
-                    if reply is None:
-                        self._timed_out(req_id)
-                    elif isinstance(reply, p.ErrorReply) and reply.code == p.ErrorCode.NO_SESSION:
-                        self._handshake()
-            except KVDepotError:
-                pass  # the next real call reports it
-            except zmq.ZMQError:
-                return
-
     def close(self) -> None:
         if self._closed:
             return
@@ -548,8 +398,7 @@ class KVDepotClient:
                 except KVDepotError:
                     pass
             self._closed = True
-            self._socket.close(linger=0)
-            self._ctx.term()
+            self._channel.close()
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None

@@ -14,8 +14,11 @@ Each half of a connector holds one: the scheduler's (lookups, leases) and every 
   client has just opened a new one. ``once_more_on_new_session`` does the same for any call.
 - GEOMETRY_MISMATCH or BAD_REQUEST: the server answers but will not take this layout; retrying
   cannot help, so the cache stays off for this half.
+- A server that refuses this engine's CURVE keys (or its lack of them) is an outage that says
+  why; the attempts go on, so keys fixed on the server (allowed keys reloaded) are used without
+  restarting the engine. Key files that cannot be read turn the cache off for this half.
 - One line per outage when the server goes away (at ``outage_level``: the scheduler warns for
-  the engine, its workers only inform), one when it is back.
+  the engine, its workers only inform), one more for a refusal, one when it is back.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ import threading
 import time
 from typing import Callable
 
-from kvdepot.client import KVDepotClient, KVDepotError, Namespace, ServerUnavailable
+from kvdepot.client import (
+    AuthenticationFailed,
+    KVDepotClient,
+    KVDepotError,
+    Namespace,
+    ServerUnavailable,
+)
 from kvdepot.connector.logs import CONNECTOR_LOG
 from kvdepot.connector.settings import ConnectorSettings
 from kvdepot.connector.specs import NamespaceSpec
@@ -65,6 +74,7 @@ class ServerLink:
         self.client: KVDepotClient | None = None
         self.ns: Namespace | None = None
         self.down = False
+        self._why = ""  # the outage's reason logged last
         self._outage_effect = outage_effect
         self._who = who
         self._outage_level = outage_level
@@ -108,18 +118,16 @@ class ServerLink:
         """One attempt: True registered, False refused for good (cache off), None try later."""
         spec = self.spec
         assert spec is not None
-        if self.client is None:
-            self.client = self._client_factory(
-                host=self.settings.host,
-                port=self.settings.port,
-                engine_id=self.engine_id,
-                timeout_ms=self.settings.timeout_ms,
-            )
+        if self.client is None and not self._new_client():
+            return False
         client, log, who = self.client, self._log, self._who
+        why, refused = "not reachable", False
         try:
             ns = None
             for attempt in range(2):
                 if not client.connect():
+                    if isinstance(client.last_error, AuthenticationFailed):
+                        why, refused = f"refused this engine ({client.last_error.message})", True
                     break
                 try:
                     ns = client.register(spec.model, spec.geometry, spec.world_size, spec.salt)
@@ -152,13 +160,33 @@ class ServerLink:
                 self._next_attempt = float("inf")
                 return False
             log.debug("kvdepot: %sregister failed: %s", who, exc)
-        self.away("not reachable")
+        self.away(why, refused)
         return None
 
-    def away(self, why: str) -> None:
-        """The server is not answering (``why``): said once per outage."""
-        if not self.down:
+    def _new_client(self) -> bool:
+        """Create the client; False, with the cache off for good, when the CURVE key files
+        cannot be read (they were checked when the settings were made: gone since)."""
+        try:
+            curve = self.settings.curve()
+        except ValueError as exc:
+            self._log.error("kvdepot: %s%s; the cache is off for this engine", self._who, exc)
+            self._next_attempt = float("inf")
+            return False
+        self.client = self._client_factory(
+            host=self.settings.host,
+            port=self.settings.port,
+            engine_id=self.engine_id,
+            timeout_ms=self.settings.timeout_ms,
+            **({"curve": curve} if curve is not None else {}),
+        )
+        return True
+
+    def away(self, why: str, refused: bool = False) -> None:
+        """The server is not answering, or ``refused`` this engine (``why``): said once per
+        outage, and once more for a refusal that did not start it."""
+        if not self.down or (refused and why != self._why):
             self.down = True
+            self._why = why
             self._log.log(
                 self._outage_level, "kvdepot: %sserver at %s %s; %s until it is back",
                 self._who, self.settings.endpoint, why, self._outage_effect,
@@ -168,6 +196,7 @@ class ServerLink:
         """The server answered again."""
         if self.down:
             self.down = False
+            self._why = ""
             self._log.info("kvdepot: %sserver at %s is back; using the cache again",
                            self._who, self.settings.endpoint)
 

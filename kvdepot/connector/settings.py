@@ -6,9 +6,22 @@ parsed in kvdepot.integrations.vllm.config); the engine-neutral layer only reads
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvdepot.client import ClientCurve
 
 DEFAULT_PORT = 5555  # the server's default (kvdepot serve --port)
+CURVE_KEYS = {  # field: (kv_connector_extra_config key, environment variable)
+    "curve_server_key": ("kvdepot.curve_server_key", "KVDEPOT_CURVE_SERVER_KEY"),
+    "curve_client_key": ("kvdepot.curve_client_key", "KVDEPOT_CURVE_CLIENT_KEY"),
+}
+
+
+def _from_env(name: str) -> str | None:
+    return os.environ.get(name) or None
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,41 @@ class ConnectorSettings:
     # How long shutdown waits for stores in flight before aborting the rest. vLLM gives an
     # engine-core process 5 s between SIGTERM and SIGKILL: stay under it.
     shutdown_wait_ms: int = 4000
+    # CURVE, for a server that requires it: the path of the server's public certificate
+    # (NAME.key) and of this engine's secret certificate (NAME.key_secret), both or neither
+    # (`kvdepot keys generate`; docs/security.md). Unset: from the environment.
+    curve_server_key: str | None = field(
+        default_factory=lambda: _from_env("KVDEPOT_CURVE_SERVER_KEY"))
+    curve_client_key: str | None = field(
+        default_factory=lambda: _from_env("KVDEPOT_CURVE_CLIENT_KEY"))
+
+    def __post_init__(self) -> None:
+        """Raises ValueError when only one CURVE key is given or a key file is unusable: a
+        configuration error stops the engine with the reason, never a silent cache miss."""
+        self.curve()
 
     @property
     def endpoint(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+    def curve(self) -> ClientCurve | None:
+        """The client's CURVE keys, read from the files now; None without them. ValueError
+        names the file and what is wrong with it."""
+        server, client = self.curve_server_key, self.curve_client_key
+        if server is None and client is None:
+            return None
+        if server is None or client is None:
+            raise ValueError("kvdepot.curve_server_key and kvdepot.curve_client_key go together "
+                             "(env KVDEPOT_CURVE_SERVER_KEY and KVDEPOT_CURVE_CLIENT_KEY)")
+        return ClientCurve.from_files(server, client)
+
+
+def curve_key_paths(extra: Mapping[str, Any]) -> dict[str, str | None]:
+    """The CURVE fields of ConnectorSettings from an engine's connector configuration
+    (``kvdepot.curve_server_key``, ``kvdepot.curve_client_key``), each else from the
+    environment (KVDEPOT_CURVE_SERVER_KEY, KVDEPOT_CURVE_CLIENT_KEY)."""
+    paths = {}
+    for name, (key, env) in CURVE_KEYS.items():
+        value = extra.get(key)
+        paths[name] = str(value) if value not in (None, "") else _from_env(env)
+    return paths

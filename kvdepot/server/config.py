@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
@@ -51,6 +52,10 @@ class ServerConfig:
     remote_key_file: str | None = None
     remote_queue_depth: int = 16
     remote_timeout_ms: float = 2000.0
+    curve_secret_key: str | None = None  # the server's secret certificate; None: no CURVE
+    curve_allowed_keys: str | None = None  # directory of the allowed clients' certificates
+    allow_unauthenticated: bool = False  # a non-loopback host without CURVE, said explicitly
+    admin_token_file: str | None = None  # POST /admin/* needs its token (bearer)
 
     @property
     def disk_bytes(self) -> int:
@@ -171,6 +176,22 @@ def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
                         help="a remote write is given up after this many ms; lookups wait "
                              "for the cluster at most --prefetch-deadline-ms (default "
                              "%(default)s)")
+    auth = ap.add_argument_group(
+        "authentication (CURVE on the ZMQ port, a token for the admin API; required on a "
+        "non-loopback --host; see docs/security.md)")
+    auth.add_argument("--curve-secret-key", default=None, metavar="PATH",
+                      help="the server's secret certificate (NAME.key_secret, from `kvdepot "
+                           "keys generate`): engines must speak CURVE and know its public key")
+    auth.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
+                      help="directory of the allowed engines' public certificates (*.key); "
+                           "reloaded on SIGHUP and when its files change")
+    auth.add_argument("--allow-unauthenticated", action="store_true",
+                      help="serve a non-loopback --host without CURVE (and the admin API "
+                           "without a token): anyone who reaches the ports may read and write "
+                           "every engine's KV cache")
+    auth.add_argument("--admin-token-file", default=None, metavar="PATH",
+                      help="file whose first line is the bearer token POST /admin/* requires "
+                           "(enables the admin API)")
     ap.add_argument("--log-level", default=os.environ.get("KVDEPOT_LOG_LEVEL", d.log_level),
                     help="DEBUG, INFO, WARNING or ERROR (env KVDEPOT_LOG_LEVEL; default INFO)")
     return ap
@@ -201,6 +222,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
     if a.disk_admit_hits < 0 or a.disk_queue_depth < 1:
         ap.error("--disk-admit-hits must be >= 0 and --disk-queue-depth >= 1")
     remote = _remote_settings(ap, a)
+    auth = _auth_settings(ap, a)
     try:
         prefetch = PrefetchSettings(
             deadline_base_s=a.prefetch_deadline_ms / 1000,
@@ -223,7 +245,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
         reservation_ttl_s=a.reservation_ttl,
         session_timeout_s=a.session_timeout,
         http_port=a.http_port,
-        enable_admin_api=a.enable_admin_api,
+        enable_admin_api=a.enable_admin_api or a.admin_token_file is not None,
         log_level=a.log_level.upper(),
         eviction_policy=a.eviction_policy,
         disk_path=a.disk_path,
@@ -233,6 +255,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvdepot serve") -> Se
         disk_queue_depth=a.disk_queue_depth,
         prefetch=prefetch,
         **remote,
+        **auth,
     )
 
 
@@ -273,4 +296,37 @@ def _remote_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict
         remote_key_file=a.remote_key_file,
         remote_queue_depth=a.remote_queue_depth,
         remote_timeout_ms=a.remote_timeout_ms,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``: "localhost" or a loopback address (127.0.0.0/8,
+    ::1). Any other name or address, "0.0.0.0" included, counts as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """The authentication fields of ServerConfig. The files are read when the server starts
+    (a clear error then, exit 1): here only what goes together is checked."""
+    if (a.curve_secret_key is None) != (a.curve_allowed_keys is None):
+        ap.error("--curve-secret-key and --curve-allowed-keys go together")
+    if not is_loopback(a.host) and not a.allow_unauthenticated:
+        if a.curve_secret_key is None:
+            ap.error(f"--host {a.host} is not a loopback address: anyone who reaches it could "
+                     "read and write every engine's KV cache. Give --curve-secret-key and "
+                     "--curve-allowed-keys (docs/security.md), or --allow-unauthenticated to "
+                     "serve it open")
+        if a.enable_admin_api and a.admin_token_file is None and a.http_port >= 0:
+            ap.error(f"--enable-admin-api on --host {a.host} (not a loopback address) needs "
+                     "--admin-token-file, or --allow-unauthenticated to leave it open")
+    return dict(
+        curve_secret_key=a.curve_secret_key,
+        curve_allowed_keys=a.curve_allowed_keys,
+        allow_unauthenticated=a.allow_unauthenticated,
+        admin_token_file=a.admin_token_file,
     )

@@ -5,9 +5,14 @@ GET  /readyz       200 when the arena is ready to serve engines, else 503 (readi
 GET  /metrics      Prometheus text format.
 GET  /stats        JSON of ``kvdepot.protocol.ServerStats``.
 POST /admin/clear  drops every unleased chunk; only when the server was started with
-                   --enable-admin-api (the server then passes ``clear_cache``), else 403.
+                   --admin-token-file or --enable-admin-api (the server then passes
+                   ``clear_cache``), else 403.
 
-Nothing but that POST changes any state, so the port can be scraped and probed freely.
+Nothing but a POST under /admin/ changes any state, so the port can be scraped and probed
+freely. With an admin token (``admin_token``, from --admin-token-file), every POST under /admin/
+must carry it as ``Authorization: Bearer TOKEN``: none is 401, a wrong one 403, and nothing is
+done; the comparison takes the same time wherever the tokens differ. No page shows key material:
+/stats and /metrics hold counts and settings, never a key, a token or a password.
 
 The standard library's ThreadingHTTPServer is enough: a scrape every few seconds and a probe or
 two is all the traffic, and it keeps the server free of a web framework. Handlers run on their
@@ -17,9 +22,11 @@ be safe to call from another thread.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,9 +46,31 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 64 << 10
 
 ADMIN_DISABLED_MESSAGE = (
-    "the admin API is disabled; start the server with --enable-admin-api to allow "
-    "POST /admin/clear"
+    "the admin API is disabled; start the server with --admin-token-file (or, on a loopback "
+    "host, --enable-admin-api) to allow POST /admin/clear"
 )
+# A token shorter than this is guessable: refused at start.
+MIN_TOKEN_CHARS = 16
+_COMPLAINT_WINDOW_S = 60.0
+
+
+def load_admin_token(path: str) -> str:
+    """The bearer token in the first line of ``path`` (surrounding spaces dropped).
+
+    Raises ValueError, naming the file but never its content, when it cannot be read or the
+    token is shorter than MIN_TOKEN_CHARS or holds characters a header cannot carry."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--admin-token-file: cannot read {path}: {exc}") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"--admin-token-file {path}: the token (first line) must be at least "
+                         f"{MIN_TOKEN_CHARS} characters, e.g. from `openssl rand -hex 32`")
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError(f"--admin-token-file {path}: the token must be printable ASCII "
+                         "without spaces")
+    return token
 
 
 class _Response:
@@ -82,12 +111,17 @@ class HttpEndpoint:
         metrics: ServerMetrics,
         is_ready: Callable[[], bool],
         clear_cache: Callable[[], int] | None = None,
+        admin_token: str | None = None,
     ) -> None:
+        """``clear_cache``: None keeps the admin API off; ``admin_token``: None lets any
+        caller use it (a server on a loopback host only)."""
         self._address = (host, port)
         self._stats = stats
         self._metrics = metrics
         self._is_ready = is_ready
         self._clear_cache = clear_cache
+        self._admin_token = None if admin_token is None else admin_token.encode()
+        self._refusals = (float("-inf"), 0)  # (last logged, held back since)
         self._server: _EndpointServer | None = None
         self._thread: threading.Thread | None = None
         # (method, path) -> route; a path known under another method answers 405, not 404.
@@ -139,8 +173,16 @@ class HttpEndpoint:
 
     # --- dispatch ---------------------------------------------------------------------------
 
-    def respond(self, method: str, raw_path: str) -> _Response:
+    def respond(
+        self, method: str, raw_path: str, authorization: str | None = None, client: str = ""
+    ) -> _Response:
+        """The answer to ``method raw_path``; ``authorization``: the request's Authorization
+        header, ``client``: its address (for the log)."""
         path = urlsplit(raw_path).path.rstrip("/") or "/"
+        if method not in ("GET", "HEAD") and path.startswith("/admin/"):
+            refused = self._check_token(authorization, client)
+            if refused is not None:
+                return refused
         route = self._routes.get((method, path))
         if route is not None:
             return route()
@@ -155,6 +197,38 @@ class HttpEndpoint:
             HTTPStatus.NOT_FOUND,
             f"no such endpoint {path}; try /healthz /readyz /metrics /stats",
         )
+
+    def _check_token(self, authorization: str | None, client: str) -> _Response | None:
+        """None when the request may change state, else the refusal (401 without a bearer
+        token, 403 with a wrong one)."""
+        if self._admin_token is None or self._clear_cache is None:
+            return None
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            self._log_refusal(client, "no bearer token")
+            return _Response.text(
+                HTTPStatus.UNAUTHORIZED,
+                "the admin API needs the token of --admin-token-file: "
+                "send 'Authorization: Bearer TOKEN'",
+                **{"WWW-Authenticate": 'Bearer realm="kvdepot admin"'},
+            )
+        # compare_digest: the time taken does not tell how much of a guess was right.
+        if not hmac.compare_digest(given.strip().encode(), self._admin_token):
+            self._log_refusal(client, "a wrong token")
+            return _Response.text(HTTPStatus.FORBIDDEN, "wrong admin token")
+        return None
+
+    def _log_refusal(self, client: str, what: str) -> None:
+        """One line a minute, with the count held back (handler threads race on the count:
+        it is a hint for the operator, never a limit)."""
+        now = time.monotonic()
+        logged_at, held_back = self._refusals
+        if now - logged_at < _COMPLAINT_WINDOW_S:
+            self._refusals = (logged_at, held_back + 1)
+            return
+        more = f" ({held_back} more since the last report)" if held_back else ""
+        logger.warning("admin API: refused a request from %s with %s%s", client or "?", what, more)
+        self._refusals = (now, 0)
 
     # --- routes -----------------------------------------------------------------------------
 
@@ -247,7 +321,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str, send_body: bool = True) -> None:
         try:
-            response = self.server.endpoint.respond(method, self.path)
+            response = self.server.endpoint.respond(
+                method, self.path, self.headers.get("Authorization"), self.client_address[0]
+            )
         except Exception:
             # Never let a handler error take down the thread or leave the client hanging.
             logger.exception("HTTP %s %s failed", method, self.path)

@@ -12,14 +12,15 @@ import zmq
 
 from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.arena import SharedArena
+from kvdepot.server.auth import CurveAuthenticator
 from kvdepot.server.cache import CacheCore, CacheObserver
-from kvdepot.server.config import ServerConfig, parse_args
-from kvdepot.server.http import HttpEndpoint
+from kvdepot.server.config import ServerConfig, is_loopback, parse_args
+from kvdepot.server.http import HttpEndpoint, load_admin_token
 from kvdepot.server.metrics import ServerMetrics
 from kvdepot.server.policies import policy_factory
 from kvdepot.server.rpc import CacheServer
 from kvdepot.server.tiers import Tier
-from kvdepot.server.tiers.cluster import RemoteClient, RemoteSettings
+from kvdepot.server.tiers.resp import RemoteClient, RemoteSettings
 from kvdepot.server.tiers.disk import DiskTier
 from kvdepot.server.tiers.remote import RemoteTier
 
@@ -69,11 +70,13 @@ def build_disk_tier(config: ServerConfig) -> DiskTier | None:
     return disk
 
 
-def build_remote_tier(config: ServerConfig) -> RemoteTier | None:
-    """The remote tier the flags ask for (None without --remote); connected by ``start``."""
+def build_remote_tier(config: ServerConfig, threads: int) -> RemoteTier | None:
+    """The remote tier the flags ask for (None without --remote); connected by ``start``.
+    ``threads``: the worker pool's, which may all copy to one node at once."""
     if not config.remote_urls:
         return None
     client = RemoteClient(RemoteSettings(
+        pool_size=threads,
         urls=config.remote_urls,
         username=config.remote_username,
         password=config.remote_password,
@@ -107,7 +110,27 @@ def _without_password(url: str) -> str:
     return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
+def build_authenticator(config: ServerConfig) -> CurveAuthenticator | None:
+    """CURVE as the flags ask for it (None without --curve-secret-key); ValueError when a key
+    file or the allowed keys' directory cannot be used."""
+    if config.curve_secret_key is None:
+        if not is_loopback(config.host):
+            log.warning("Serving %s without authentication (--allow-unauthenticated): anyone who "
+                        "reaches port %d may read and write every engine's KV cache",
+                        config.host, config.port)
+        return None
+    assert config.curve_allowed_keys is not None  # the parser lets them go only together
+    auth = CurveAuthenticator(config.curve_secret_key, config.curve_allowed_keys)
+    log.info("CURVE on: server public key %s, %d allowed client keys in %s",
+             auth.public_key.decode(), auth.allowed_count, auth.allowed_dir)
+    if not auth.allowed_count:
+        log.warning("No allowed client keys in %s: no engine can connect until one is added",
+                    auth.allowed_dir)
+    return auth
+
+
 def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:
+    auth = build_authenticator(config)  # first: a bad key file costs no segment
     group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
     arena = SharedArena(config.shm_name, config.buffer_bytes, mode=config.shm_mode, group=group)
     threads = config.max_workers
@@ -119,7 +142,7 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
     disk = remote = None
     try:
         disk = build_disk_tier(config)
-        remote = build_remote_tier(config)
+        remote = build_remote_tier(config, threads)
         tiers: dict[str, Tier] = {t.spec.name: t for t in (disk, remote) if t is not None}
         metrics = ServerMetrics(lookup_totals_from_stats=True)
         core = CacheCore(
@@ -145,10 +168,13 @@ def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, Thread
             metrics=metrics,
             executor=workers,
             tiers=tiers or None,
+            auth=auth,
         )
         if remote is not None:
             remote.start()  # a cluster that cannot be reached is logged, and tried again
     except BaseException:
+        if auth is not None:
+            auth.stop()
         workers.shutdown(wait=False)
         if disk is not None:
             disk.close()
@@ -167,6 +193,7 @@ def run(config: ServerConfig) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        token = load_admin_token(config.admin_token_file) if config.admin_token_file else None
         server, arena, workers = build_server(config)
     except (OSError, ValueError, KeyError, zmq.ZMQError) as exc:
         log.error("Cannot start: %s", exc)
@@ -174,12 +201,15 @@ def run(config: ServerConfig) -> int:
     http = None
     try:
         if config.http_port >= 0:
-            http = _start_http(config, server, arena)
+            http = _start_http(config, server, arena, token)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
+        signal.signal(signal.SIGHUP, lambda *_: _reload(server))
+        auth = server.auth
+        curve = f", CURVE with {auth.allowed_count} allowed client keys" if auth is not None else ""
         print(
             f"kvdepot cache server is running on tcp://{config.host}:{server.port} "
-            f"(buffer {_gb(config.cpu_buffer_size_gb)} GB, chunk {config.chunk_size} tokens)"
+            f"(buffer {_gb(config.cpu_buffer_size_gb)} GB, chunk {config.chunk_size} tokens{curve})"
             + (f", HTTP on http://{config.host}:{http.port}" if http is not None else ""),
             flush=True,
         )
@@ -199,7 +229,20 @@ def _gb(size_gb: float) -> str:
     return f"{size_gb:.1f}" if size_gb >= 1 else f"{size_gb:g}"
 
 
-def _start_http(config: ServerConfig, server: CacheServer, arena: SharedArena) -> HttpEndpoint:
+def _reload(server: CacheServer) -> None:
+    """SIGHUP: read the allowed client keys again (on the ZAP handler's thread)."""
+    if server.auth is not None:
+        server.auth.request_reload()
+    else:
+        log.info("SIGHUP: nothing to reload (no --curve-allowed-keys)")
+
+
+def _start_http(
+    config: ServerConfig, server: CacheServer, arena: SharedArena, token: str | None
+) -> HttpEndpoint:
+    if config.enable_admin_api and token is None:
+        log.warning("Admin API without a token: any process that reaches %s:%d may clear the "
+                    "cache (--admin-token-file requires one)", config.host, config.http_port)
     endpoint = HttpEndpoint(
         config.host,
         config.http_port,
@@ -207,6 +250,7 @@ def _start_http(config: ServerConfig, server: CacheServer, arena: SharedArena) -
         metrics=server.metrics,
         is_ready=lambda: arena.ready,
         clear_cache=server.clear_cache if config.enable_admin_api else None,
+        admin_token=token,
     )
     endpoint.start()
     return endpoint

@@ -22,6 +22,7 @@ from kvdepot import __version__
 from kvdepot import protocol as p
 from kvdepot.server.cache import CacheCore, CacheError
 from kvdepot.server.arena import SharedArena
+from kvdepot.server.auth import CurveAuthenticator
 from kvdepot.server.metrics import ServerMetrics
 from kvdepot.server.sessions import Complaints, Session
 from kvdepot.server.stats import collect_stats
@@ -51,9 +52,11 @@ class CacheServer:
         clock: Callable[[], float] = time.monotonic,
         executor: Executor | None = None,
         tiers: Mapping[str, Tier] | None = None,
+        auth: CurveAuthenticator | None = None,
     ):
         """``executor`` runs tier I/O (the --max-workers pool; a one-thread pool of its own
-        when None); ``tiers``: the lower tiers by name, whose books the core keeps."""
+        when None); ``tiers``: the lower tiers by name, whose books the core keeps; ``auth``:
+        CURVE on the port, every session knowing its client's key (None: no authentication)."""
         lower = core.places.lower
         missing = set(lower.books if lower else ()) - set(tiers or ())
         if missing:
@@ -80,6 +83,11 @@ class CacheServer:
         self._socket.setsockopt(zmq.SNDHWM, 100000)
         self._socket.setsockopt(zmq.RCVHWM, 100000)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES * 4)
+        self.auth = auth
+        if auth is not None:
+            # Before any bind: no TCP peer gets a handshake the handler cannot decide.
+            auth.start(self._ctx, on_revoked=self.end_sessions_of)
+            auth.secure(self._socket)
         # The completions' pipe first: it takes its fixed routing id before any TCP peer can
         # connect (a peer claiming that id later is refused by the ROUTER).
         wake_address = f"inproc://kvdepot-rpc-{id(self):x}"
@@ -104,7 +112,6 @@ class CacheServer:
             count_evictions(metrics) if metrics is not None else None,
         )
         self._handlers: dict[type, Callable] = {
-            p.Hello: self._hello,
             p.Register: self._register,
             p.Lookup: self._lookup,
             p.Reserve: self._reserve,
@@ -176,6 +183,8 @@ class CacheServer:
         self.completions.close()
         self._monitor.close(linger=0)
         self._socket.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()  # closes its socket: the context cannot end before
         self._ctx.term()
 
     def _on_monitor(self) -> None:
@@ -253,7 +262,10 @@ class CacheServer:
             # monitor is drained first, so a late disconnect of the fd's previous connection
             # (always queued before this connection's accept) cannot end the new session.
             self._on_monitor()
-            reply = self._dispatch(identity, request, now, fd=head.get(zmq.SRCFD))
+            # With CURVE, the client's public key, which the ZAP handler set as the
+            # connection's user id; "" without authentication.
+            key = head.get("User-Id") if self.auth is not None else ""
+            reply = self._dispatch(identity, request, now, fd=head.get(zmq.SRCFD), client_key=key)
         elif session is None:
             reply = self._error(identity, request.req_id, p.ErrorCode.NO_SESSION,
                                 "no session: send Hello first (the server may have restarted)", now)
@@ -273,18 +285,21 @@ class CacheServer:
             return self._error(identity, batch.req_id, p.ErrorCode.TOO_LARGE,
                                f"batch of {len(batch.ops)} ops is over {p.MAX_BATCH_OPS}", now)
         replies = []
+        key = self.sessions[identity].client_key  # a Hello in the batch: same connection
         for op in batch.ops:
             if type(op) is not p.Hello and identity not in self.sessions:  # after a Goodbye
                 replies.append(self._error(identity, op.req_id, p.ErrorCode.NO_SESSION,
                                            "no session: send Hello first", now))
             else:
-                replies.append(self._dispatch(identity, op, now))
+                replies.append(self._dispatch(identity, op, now, client_key=key))
         return p.BatchReply(req_id=batch.req_id, replies=replies)
 
-    def _dispatch(self, identity: bytes, request, now: float, fd: int = -1) -> p.Reply:
+    def _dispatch(
+        self, identity: bytes, request, now: float, fd: int = -1, client_key: str = ""
+    ) -> p.Reply:
         try:
-            if fd >= 0:
-                return self._hello(identity, request, now, fd)
+            if type(request) is p.Hello:
+                return self._hello(identity, request, now, fd, client_key)
             return self._handlers[type(request)](identity, request, now)
         except CacheError as exc:
             return self._error(identity, request.req_id, exc.code, exc.message, now)
@@ -317,20 +332,27 @@ class CacheServer:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    def _hello(self, identity: bytes, req: p.Hello, now: float, fd: int = -1) -> p.Reply:
+    def _hello(
+        self, identity: bytes, req: p.Hello, now: float, fd: int = -1, client_key: str = ""
+    ) -> p.Reply:
         if req.protocol_version != p.PROTOCOL_VERSION:
             raise CacheError(
                 p.ErrorCode.BAD_VERSION,
                 f"protocol version {req.protocol_version} is not supported; "
                 f"this server speaks {p.PROTOCOL_VERSION} (kvdepot {__version__})",
             )
+        if self.auth is not None and not self.auth.allows(client_key):
+            # Its connection passed the handshake, but a reload has removed its key since.
+            raise CacheError(p.ErrorCode.BAD_REQUEST,
+                             "unauthorized: this client's CURVE key is no longer allowed")
         engine_id = req.engine_id[:200] or identity.hex()
         old = self.sessions.get(identity)
         if old is not None and old.engine_id != engine_id:
             self._end_session(old, "re-introduced itself")
         if old is None:
-            log.info("Engine %s connected (pid %d)", engine_id, req.pid)
-        self.sessions[identity] = Session(identity, engine_id, req.pid, fd, now)
+            key = f", key {self.auth.name_of(client_key)}" if self.auth is not None else ""
+            log.info("Engine %s connected (pid %d%s)", engine_id, req.pid, key)
+        self.sessions[identity] = Session(identity, engine_id, req.pid, fd, now, client_key)
         return p.HelloReply(
             req_id=req.req_id,
             protocol_version=p.PROTOCOL_VERSION,
@@ -439,3 +461,15 @@ class CacheServer:
 
     def clear_cache(self) -> int:
         return int(self.run_in_loop(self.core.clear))  # type: ignore[arg-type]
+
+    def end_sessions_of(self, client_keys: frozenset[str]) -> None:
+        """End the sessions of these CURVE client keys (no longer allowed): their leases and
+        reservations go, and their connections can open no new session. Any thread; returns
+        at once."""
+
+        def end() -> None:
+            for session in [s for s in self.sessions.values() if s.client_key in client_keys]:
+                self._end_session(session, "lost its key's access")
+
+        self._admin.put((end, Future()))
+        self.completions.post()

@@ -12,11 +12,19 @@ _COMPLAINT_WINDOW_S = 60.0
 
 @dataclass(slots=True)
 class Session:
+    """One engine's session, keyed by its connection's ROUTER routing id (``identity``).
+
+    ``client_key``: the client's CURVE public key (Z85, 40 characters) that the ZAP handler
+    accepted for this connection, fixed for the session's life; "" on a server without
+    authentication. Handlers read it as ``server.sessions[identity].client_key``.
+    """
+
     identity: bytes
     engine_id: str
     pid: int
     fd: int
     last_seen: float
+    client_key: str = ""
 
 
 class Complaints:
