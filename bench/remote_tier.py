@@ -437,8 +437,10 @@ def prefix_from_another_node(work: Path, cluster: RedisCluster, args) -> dict:
             while (t := remote_stats(a_srv))["writes"] < before + n or t["copies_in_flight"]:
                 time.sleep(0.002)
             write_through = time.perf_counter() - stored
-            items = [(chunk_keys(prefix.encode(), a_ns.digest, k, 0).part(0), outv[i * slot : (i + 1) * slot])
-                     for i, k in enumerate(keys)]
+            # The same parts the tier reads (its layout: part_spans), raw.
+            items = [(chunk_keys(prefix.encode(), a_ns.digest, k, 0).part(j),
+                      outv[i * slot + off : i * slot + off + length])
+                     for i, k in enumerate(keys) for j, (off, length) in enumerate(part_spans(slot))]
 
             def raw_sequential() -> float:
                 started = time.perf_counter()

@@ -24,6 +24,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvdepot.client import AuthenticationFailed, KVDepotClient
+from kvdepot.connector.settings import CURVE_KEYS
 from kvdepot.protocol import TierNode
 from kvdepot.server.config import ServerConfig, build_parser, parse_args
 from kvdepot.server.metrics import ServerMetrics
 from ops_fakes import fake_stats, fake_tier
 from ops_server import REPO_ROOT, OpsServer
-from server_process import free_port
+from server_process import ServerProcess, free_port
 
 DEPLOY = REPO_ROOT / "deploy"
 DOCKER = DEPLOY / "docker"
@@ -337,6 +341,11 @@ def test_daemonset_manifest():
         DEFAULTS.port, DEFAULTS.http_port, DEFAULTS.chunk_size)  # fmt: skip
     assert docs["DaemonSet"]["metadata"]["namespace"] == docs["Namespace"]["metadata"]["name"]
     assert config.remote_urls == (), "works without a cluster; kustomization.yaml adds one"
+    # Open on the node's IP, said explicitly (the server refuses it otherwise); CURVE is the
+    # "#curve:" lines' variant (test_daemonset_curve_variant_...).
+    assert config.allow_unauthenticated and config.curve_secret_key is None
+    assert not config.enable_admin_api
+    assert "docs/security.md" in (K8S / "kvdepot-daemonset.yaml").read_text()
 
 
 @pytest.mark.parametrize(
@@ -415,6 +424,8 @@ def test_chart_defaults_render_the_same_daemonset_as_the_manifest(helm):
         assert getattr(config, field) == getattr(manifest, field), field
     assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == "kvdepot:0.1.0"
     assert config.remote_urls == ()  # remote.enabled is false by default
+    assert config.allow_unauthenticated and config.curve_secret_key is None  # auth's defaults
+    assert config.admin_token_file is None and not config.enable_admin_api
 
 
 def test_chart_values_drive_flags_ports_probes_memory_and_annotations(helm):
@@ -430,6 +441,7 @@ def test_chart_values_drive_flags_ports_probes_memory_and_annotations(helm):
     assert (config.port, config.http_port, config.chunk_size) == (6000, 9000, 512)
     assert config.cpu_buffer_size_gb == 100.5 and config.shm_mode == 0o660
     assert config.enable_admin_api and config.lease_ttl_s == 60
+    assert config.allow_unauthenticated and config.admin_token_file is None  # no token: open
     container = ds["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example.com/kvdepot:9.9.9"
     assert parse_quantity(container["resources"]["requests"]["memory"]) == 102.5e9
@@ -438,7 +450,8 @@ def test_chart_values_drive_flags_ports_probes_memory_and_annotations(helm):
 
 def test_rendered_chart_matches_the_kubernetes_schema(helm):
     for values in ({}, {"server": {"enableAdminApi": True}, "priorityClassName": "high"},
-                   REMOTE_VALUES, REMOTE_TLS_VALUES):
+                   REMOTE_VALUES, REMOTE_TLS_VALUES, CURVE_VALUES, ADMIN_TOKEN_VALUES,
+                   {**CURVE_ADMIN_VALUES, **REMOTE_TLS_VALUES}):
         for objects in render_chart(helm, values).values():
             for doc in objects:
                 validate_schema(doc)
@@ -542,25 +555,44 @@ def kustomized_daemonset() -> dict:
                             yaml.safe_load(patch["patch"]))  # fmt: skip
 
 
-def with_secret_files(ds: dict, root: Path) -> dict:
-    """A copy of the DaemonSet whose args name paths under ``root``, where every file its Secret
-    volumes mount has been created: the server's parser, which checks that TLS files exist, then
-    finds them exactly where the flags name files the pod would have."""
-    ds = json.loads(json.dumps(ds))
-    pod = ds["spec"]["template"]["spec"]
+def with_secret_files(doc: dict, root: Path, secrets: dict[str, dict[str, str]] | None = None,
+                      ) -> dict:
+    """A copy of a DaemonSet or Deployment whose args and env values name paths under ``root``,
+    where the files of its Secret volumes have been written as the kubelet writes them: the
+    contents of ``secrets`` ({Secret name: {key: text}}; an item missing there gets a
+    placeholder), each file a link through ``..data`` to a directory of the volume's version,
+    with the volume's mode. The server's parser and loaders then find them exactly where the
+    flags name the files the pod would have."""
+    doc = json.loads(json.dumps(doc))
+    pod = doc["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = []
     for mount in container.get("volumeMounts", []):
-        for item in volumes[mount["name"]].get("secret", {}).get("items", []):
-            path = root / mount["mountPath"].lstrip("/") / item["path"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("test file\n")
-    mounted = [m["mountPath"] for m in container.get("volumeMounts", [])]
-    container["args"] = [
-        str(root / a.lstrip("/")) if any(a.startswith(m + "/") for m in mounted) else a
-        for a in container["args"]
-    ]
-    return ds
+        source = volumes[mount["name"]].get("secret")
+        if source is None:
+            continue
+        content = (secrets or {}).get(source["secretName"], {})
+        items = source.get("items") or [{"key": key, "path": key} for key in content]
+        directory = root / mount["mountPath"].lstrip("/")
+        version = directory / "..2025_01_01_00_00_00.000000001"
+        version.mkdir(parents=True)
+        for item in items:
+            (version / item["path"]).write_text(content.get(item["key"], "test file\n"))
+            (version / item["path"]).chmod(item.get("mode", source.get("defaultMode", 0o644)))
+            (directory / item["path"]).symlink_to(f"..data/{item['path']}")
+        (directory / "..data").symlink_to(version.name)
+        mounted.append(mount["mountPath"])
+
+    def reroot(value: str) -> str:
+        inside = any(value == m or value.startswith(m + "/") for m in mounted)
+        return str(root / value.lstrip("/")) if inside else value
+
+    container["args"] = [reroot(str(a)) for a in container.get("args", [])]
+    for variable in container.get("env", []):
+        if "value" in variable:
+            variable["value"] = reroot(str(variable["value"]))
+    return doc
 
 
 def test_valkey_cluster_manifest_is_a_cache_cluster_kvdepot_can_use():
@@ -759,6 +791,293 @@ def test_chart_notes_mention_the_remote_tier(helm):
         notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
         for text in expected:
             assert text in notes, (text, notes)
+
+
+# --- authentication (issue 15): open by choice, or CURVE and an admin token -------------------
+
+CURVE_VALUES = {"auth": {"curve": {"enabled": True, "serverSecret": "node-curve",
+                                   "serverSecretKey": "pair", "allowedKeysSecret": "engine-keys"},
+                         "allowUnauthenticated": False}}  # fmt: skip
+ADMIN_TOKEN_VALUES = {"server": {"enableAdminApi": True},
+                      "auth": {"adminTokenSecret": "admin", "adminTokenKey": "bearer"}}  # fmt: skip
+CURVE_ADMIN_VALUES = {"server": {"enableAdminApi": True},
+                      "auth": {**CURVE_VALUES["auth"], **ADMIN_TOKEN_VALUES["auth"]}}  # fmt: skip
+ADMIN_TOKEN = "admin-" + "5e7a" * 8
+# The Secrets of the "#curve:" lines (kvdepot-daemonset.yaml, vllm-deployment.yaml).
+MANIFEST_SECRETS = {"server": "kvdepot-curve-server", "allowed": "kvdepot-curve-allowed-keys",
+                    "engine": "kvdepot-curve-engine-a"}  # fmt: skip
+
+
+def documented_sed(text: str) -> list[str]:
+    """The `sed -i ...` command a manifest's header gives, continuation lines joined."""
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("sed -i "))
+    command = ""
+    for line in lines[start:]:
+        command += line.rstrip("\\") + " "
+        if not line.endswith("\\"):
+            return shlex.split(command)
+    raise AssertionError("the sed command never ends")
+
+
+def curve_variant(name: str, tmp_path: Path) -> dict[str, dict]:
+    """The manifest with CURVE turned on by the sed command its header gives, run on a copy:
+    {kind: document}."""
+    text = (K8S / name).read_text()
+    command = documented_sed(text)
+    assert command[-1] == f"deploy/k8s/{name}", command
+    copy = tmp_path / name
+    copy.write_text(text)
+    subprocess.run([*command[:-1], str(copy)], check=True, timeout=30)
+    assert not re.search(r"^ *#curve:", copy.read_text(), re.M), "a line left commented"
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(copy.read_text()) if doc}
+
+
+def secrets_created_in_header(name: str) -> dict[str, set[str]]:
+    """{Secret name: its keys} of the `kubectl create secret generic` lines of a header."""
+    text = re.sub(r"\\\n#\s*", " ", (K8S / name).read_text())
+    created = {}
+    for match in re.finditer(r"create secret generic (\S+)((?:\s+--from-file=\S+)+)", text):
+        specs = re.findall(r"--from-file=(\S+)", match.group(2))
+        created[match.group(1)] = {spec.rpartition("=")[0] or os.path.basename(spec)
+                                   for spec in specs}  # KEY=PATH, or PATH: its file name
+    return created
+
+
+def secret_volume_at(pod: dict, directory: str) -> dict:
+    """The Secret volume source mounted read-only, as a whole, at ``directory``."""
+    (container,) = pod["containers"]
+    mounts = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+    assert len(mounts) == 1, f"one volume mounted at {directory}, not {mounts}"
+    (mount,) = mounts
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    return next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+
+
+def check_auth_mounts(ds: dict, config: ServerConfig, server_secret: str, server_key: str,
+                      allowed_secret: str) -> None:
+    """The server's secret certificate and the allowed keys are mounted where the flags say."""
+    pod = ds["spec"]["template"]["spec"]
+    server = secret_volume_at(pod, os.path.dirname(config.curve_secret_key))
+    assert server["secretName"] == server_secret
+    assert server["items"] == [{"key": server_key,
+                                "path": os.path.basename(config.curve_secret_key)}]  # fmt: skip
+    assert server["defaultMode"] & 0o037 == 0, "the secret key: the server's group, read only"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    allowed = secret_volume_at(pod, config.curve_allowed_keys)  # a directory, every key a file
+    assert allowed["secretName"] == allowed_secret and "items" not in allowed
+
+
+def check_token_mount(ds: dict, config: ServerConfig, secret: str, key: str) -> None:
+    pod = ds["spec"]["template"]["spec"]
+    token = secret_volume_at(pod, os.path.dirname(config.admin_token_file))
+    assert token["secretName"] == secret and token["defaultMode"] & 0o037 == 0
+    assert token["items"] == [{"key": key, "path": os.path.basename(config.admin_token_file)}]
+
+
+def test_daemonset_curve_variant_requires_curve_and_mounts_its_secrets(tmp_path):
+    ds = curve_variant("kvdepot-daemonset.yaml", tmp_path)["DaemonSet"]
+    validate_schema(ds)
+    config = check_kvdepot_daemonset(ds)
+    assert not config.allow_unauthenticated and config.curve_allowed_keys
+    check_auth_mounts(ds, config, MANIFEST_SECRETS["server"], "server.key_secret",
+                      MANIFEST_SECRETS["allowed"])  # fmt: skip
+    created = secrets_created_in_header("kvdepot-daemonset.yaml")
+    assert created[MANIFEST_SECRETS["server"]] == {"server.key_secret"}
+    assert all(key.endswith(".key") for key in created[MANIFEST_SECRETS["allowed"]])
+    # kustomization.yaml's remote tier applies to it just the same.
+    (patch,) = yaml.safe_load((K8S / "kustomization.yaml").read_text())["patches"]
+    remote = check_kvdepot_daemonset(apply_json_patch(ds, yaml.safe_load(patch["patch"])))
+    assert remote.remote_urls and remote.curve_secret_key == config.curve_secret_key
+    # Nothing else changes: the variant is the shipped DaemonSet plus CURVE.
+    shipped = k8s_documents("kvdepot-daemonset.yaml")["DaemonSet"]
+    container, variant = (d["spec"]["template"]["spec"]["containers"][0] for d in (shipped, ds))
+    assert [a for a in container["args"] if a != "--allow-unauthenticated"] == [
+        a for a in variant["args"] if not a.startswith(("--curve", "/etc/kvdepot/"))]
+    for doc in (shipped, ds):
+        pod = doc["spec"]["template"]["spec"]
+        pod["volumes"] = pod["volumes"][:1]
+        pod["containers"][0]["volumeMounts"] = pod["containers"][0]["volumeMounts"][:1]
+        pod["containers"][0].pop("args")
+    assert shipped == ds
+
+
+def test_vllm_deployment_curve_variant_gives_the_engine_its_keys(tmp_path):
+    deployment = curve_variant("vllm-deployment.yaml", tmp_path)["Deployment"]
+    validate_schema(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    check_vllm_pod(pod, DEFAULTS.port)
+    env = env_of(pod["containers"][0])
+    paths = [env[variable]["value"] for _, variable in CURVE_KEYS.values()]
+    (directory,) = {os.path.dirname(path) for path in paths}
+    secret = secret_volume_at(pod, directory)
+    assert secret["secretName"] == MANIFEST_SECRETS["engine"]
+    assert {item["path"] for item in secret["items"]} == {os.path.basename(p) for p in paths}
+    assert secrets_created_in_header("vllm-deployment.yaml") == {
+        MANIFEST_SECRETS["engine"]: {item["key"] for item in secret["items"]}}
+    assert not any(name.startswith("KVDEPOT_CURVE") for name in env_of(
+        k8s_documents("vllm-deployment.yaml")["Deployment"]["spec"]["template"]["spec"]
+        ["containers"][0]))  # as shipped: no keys, for the open server  # fmt: skip
+
+
+@pytest.mark.parametrize("values, curve, token, open_", [
+    (CURVE_VALUES, True, False, False),
+    (ADMIN_TOKEN_VALUES, False, True, True),  # the engines' port stays open
+    (CURVE_ADMIN_VALUES, True, True, False),
+    # CURVE, the admin API without a token: that alone is open (allowUnauthenticated's default)
+    ({"server": {"enableAdminApi": True}, "auth": {"curve": CURVE_VALUES["auth"]["curve"]}},
+     True, False, True),
+])  # fmt: skip
+def test_chart_auth_values_render_flags_and_mounts_that_parse(helm, tmp_path, values, curve,
+                                                               token, open_):
+    (ds,) = render_chart(helm, values)["DaemonSet"]
+    config = check_kvdepot_daemonset(with_secret_files(ds, tmp_path))
+    assert str(tmp_path) in (config.curve_secret_key or config.admin_token_file)
+    config = check_kvdepot_daemonset(ds)  # the paths in the pod
+    assert config.allow_unauthenticated is open_, "--allow-unauthenticated: only what is open"
+    assert (config.curve_secret_key is not None) is curve
+    if curve:
+        c = values["auth"]["curve"]
+        check_auth_mounts(ds, config, c["serverSecret"], c["serverSecretKey"],
+                          c["allowedKeysSecret"])  # fmt: skip
+    assert config.enable_admin_api is ("server" in values)  # the values that turn it on
+    assert (config.admin_token_file is not None) is token
+    if token:
+        check_token_mount(ds, config, values["auth"]["adminTokenSecret"],
+                          values["auth"]["adminTokenKey"])  # fmt: skip
+
+
+@pytest.mark.parametrize("values, reason", [
+    ({"auth": {"allowUnauthenticated": False}},
+     "auth.allowUnauthenticated=false needs auth.curve.enabled=true"),
+    ({"auth": {"curve": {"enabled": True, "allowedKeysSecret": "k"}}},
+     "auth.curve.enabled needs auth.curve.serverSecret"),
+    ({"auth": {"curve": {"enabled": True, "serverSecret": "s"}}},
+     "auth.curve.enabled needs auth.curve.allowedKeysSecret"),
+    ({"server": {"enableAdminApi": True}, "auth": CURVE_VALUES["auth"]},
+     "server.enableAdminApi needs auth.adminTokenSecret"),
+    ({"auth": {"adminTokenSecret": "admin"}}, "server.enableAdminApi is false"),
+])  # fmt: skip
+def test_chart_refuses_auth_values_the_server_would_refuse(helm, values, reason):
+    with pytest.raises(Exception, match=re.escape(reason)):
+        render_chart(helm, values)
+
+
+def test_chart_notes_say_which_authentication_is_on(helm):
+    chart = helm.Chart.load(str(CHART))
+    for values, expected in (
+        ({}, ["Authentication: OFF (--allow-unauthenticated)", "auth.curve.enabled=true",
+              "docs/security.md", "Admin API: off"]),
+        ({"server": {"enableAdminApi": True}}, ["Admin API: on WITHOUT a token"]),
+        (CURVE_ADMIN_VALUES, ["Authentication: CURVE on port 5555", "Secret engine-keys",
+                              "Secret node-curve", "KVDEPOT_CURVE_SERVER_KEY",
+                              "KVDEPOT_CURVE_CLIENT_KEY", "bearer token in Secret admin"]),
+    ):  # fmt: skip
+        rendered = chart.render(values, name="kvdepot", namespace="gpu-cache", is_install=True)
+        notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+        for text in expected:
+            assert text in notes, (text, notes)
+
+
+@pytest.fixture(scope="module")
+def curve_secrets(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Secrets of real keys written by `kvdepot keys generate`, under the names the manifests'
+    "#curve:" lines and CURVE_ADMIN_VALUES give them: the server's pair, engine-a's public
+    certificate allowed, engine-a's Secret (the server's public certificate and its own pair),
+    and engine-b's, whose key is not allowed."""
+    root = tmp_path_factory.mktemp("curve-keys")
+    certificate = {}
+    for name in ("server", "engine-a", "engine-b"):
+        subprocess.run([sys.executable, "-m", "kvdepot", "keys", "generate", str(root), "--name",
+                        name], check=True, capture_output=True, timeout=60)  # fmt: skip
+        certificate[name] = {kind: (root / f"{name}.{kind}").read_text()
+                             for kind in ("key", "key_secret")}  # fmt: skip
+    c, auth = CURVE_ADMIN_VALUES["auth"]["curve"], CURVE_ADMIN_VALUES["auth"]
+    server = {"server.key_secret": certificate["server"]["key_secret"]}
+    allowed = {"engine-a.key": certificate["engine-a"]["key"]}
+    return {
+        MANIFEST_SECRETS["server"]: server, c["serverSecret"]: {c["serverSecretKey"]:
+                                                               server["server.key_secret"]},
+        MANIFEST_SECRETS["allowed"]: allowed, c["allowedKeysSecret"]: allowed,
+        auth["adminTokenSecret"]: {auth["adminTokenKey"]: ADMIN_TOKEN + "\n"},
+        **{f"kvdepot-curve-{engine}": {"server.key": certificate["server"]["key"],
+                                       "engine.key_secret": certificate[engine]["key_secret"]}
+           for engine in ("engine-a", "engine-b")},
+    }  # fmt: skip
+
+
+def node_ip() -> str:
+    """A non-loopback IPv4 address of this machine, to serve as a node's does; else 127.0.0.1."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return next((ip for ip in out if "." in ip and not ip.startswith("127.")), "127.0.0.1")
+
+
+def admin_clear(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{url}/admin/clear", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("source", ["manifest", "chart"])
+def test_curve_server_and_engine_of_the_deploy_files_work_together(
+    source, tmp_path, curve_secrets, monkeypatch, request,
+):  # fmt: skip
+    """A real server run with the DaemonSet's args (the "#curve:" variant, or the chart with
+    CURVE and an admin token) and the files where its Secrets are mounted, on this machine's
+    IP as on a node. An engine set up as vllm-deployment.yaml's "#curve:" variant sets it up
+    gets in; one whose key is not allowed, and one without keys, are refused."""
+    if source == "manifest":
+        ds = curve_variant("kvdepot-daemonset.yaml", tmp_path)["DaemonSet"]
+    else:
+        (ds,) = render_chart(request.getfixturevalue("helm"), CURVE_ADMIN_VALUES)["DaemonSet"]
+    ip = node_ip()
+    ds = with_secret_files(ds, tmp_path / "node", curve_secrets)
+    srv = ServerProcess(log_path=tmp_path / "server.log")
+    args = [a.replace("$(HOST_IP)", ip) for a in ds["spec"]["template"]["spec"]["containers"][0]
+            ["args"]]  # fmt: skip
+    for flag, value in (("--port", srv.port), ("--http-port", srv.http_port),
+                        ("--cpu-buffer-size", 0.05), ("--shm-name", srv.shm_name)):  # fmt: skip
+        args[args.index(flag) + 1] = str(value)
+    srv.args = [sys.executable, "-m", "kvdepot.server", *args]
+
+    def engine(name: str) -> KVDepotClient:
+        (tmp_path / name).mkdir()
+        deployment = curve_variant("vllm-deployment.yaml", tmp_path / name)["Deployment"]
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in volume:
+                volume["secret"]["secretName"] = f"kvdepot-curve-{name}"
+        (container,) = with_secret_files(deployment, tmp_path / name, curve_secrets)["spec"][
+            "template"]["spec"]["containers"]  # fmt: skip
+        for _, variable in CURVE_KEYS.values():
+            monkeypatch.setenv(variable, env_of(container)[variable]["value"])
+        settings = connector_settings(kv_transfer_config(container["args"]), {"HOST_IP": ip})
+        assert settings.host == ip
+        return KVDepotClient(ip, srv.port, curve=settings.curve(), timeout_ms=5000,
+                             heartbeat=False)  # fmt: skip
+
+    with srv:
+        assert "CURVE on: server public key" in srv.log() and "1 allowed client keys" in srv.log()
+        assert "without authentication" not in srv.log()
+        allowed = engine("engine-a")
+        assert allowed.connect(), srv.log()
+        allowed.close()
+        for refused, why in ((engine("engine-b"), "refused this client's CURVE key"),
+                             (KVDepotClient(ip, srv.port, timeout_ms=5000, heartbeat=False),
+                              "requires CURVE authentication")):  # fmt: skip
+            assert not refused.connect()
+            assert isinstance(refused.last_error, AuthenticationFailed), refused.last_error
+            assert why in refused.last_error.message
+            refused.close()
+        url = f"http://{ip}:{srv.http_port}"
+        if source == "chart":  # the admin API with the token from its Secret
+            assert (admin_clear(url), admin_clear(url, "wrong-" + ADMIN_TOKEN)) == (401, 403)
+            assert admin_clear(url, ADMIN_TOKEN) == 200
+        else:
+            assert admin_clear(url, ADMIN_TOKEN) == 403  # no admin API
 
 
 # --- the Valkey Cluster's scripts, run for real -----------------------------------------------
@@ -1086,9 +1405,17 @@ def test_deploy_doc_names_only_real_metrics_endpoints_and_flags():
     other_tools = {"--kv-transfer-config", "--url", "--json", "--network", "--ipc", "--name",
                    "--port", "--set", "--namespace", "--create-namespace", "--tail", "--help",
                    "--build-arg", "--values", "--gpus", "--follow", "--format",
-                   "--podman-run-args"}  # fmt: skip
+                   "--podman-run-args", "--from-file"}  # fmt: skip
     unknown_flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", doc)) - server_flags - other_tools
     assert not unknown_flags, f"docs/deploy.md names flags kvdepot serve does not have: {unknown_flags}"
+    # Authentication is security.md's; every chart value the page names exists.
+    assert "(security.md)" in doc and "(security.md#the-admin-apis-token)" in doc
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for name in set(re.findall(r"`((?:server|auth|remote)\.[A-Za-z.]+?)[`=,]", doc)):
+        node = values
+        for part in name.split("."):
+            assert isinstance(node, dict) and part in node, f"docs/deploy.md: no value {name}"
+            node = node[part]
 
 
 def test_remote_tier_doc_names_real_flags_and_metrics_and_is_linked():

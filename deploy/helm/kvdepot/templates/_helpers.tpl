@@ -87,3 +87,61 @@ so a bad value never reaches a node as a crash loop.
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/*
+Where the authentication files are mounted: the flags name these paths (docs/security.md).
+*/}}
+{{- define "kvdepot.auth.serverKeyFile" -}}/etc/kvdepot/server/server.key_secret{{- end -}}
+{{- define "kvdepot.auth.allowedKeysDir" -}}/etc/kvdepot/allowed{{- end -}}
+{{- define "kvdepot.auth.adminTokenFile" -}}/etc/kvdepot/admin/token{{- end -}}
+
+{{/*
+"true" when the admin API is on without a token, "" otherwise.
+*/}}
+{{- define "kvdepot.auth.openAdmin" -}}
+{{- if and .Values.server.enableAdminApi (not .Values.auth.adminTokenSecret) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+The authentication flags. Combinations the server would refuse on the node's IP fail the
+render, so they never reach a node as a crash loop.
+*/}}
+{{- define "kvdepot.auth.args" -}}
+{{- $a := .Values.auth -}}
+{{- if $a.curve.enabled -}}
+{{- if not $a.curve.serverSecret -}}
+{{- fail "auth.curve.enabled needs auth.curve.serverSecret: the Secret holding the server's secret certificate (NAME.key_secret from `kvdepot keys generate`; docs/security.md)" -}}
+{{- end -}}
+{{- if not $a.curve.allowedKeysSecret -}}
+{{- fail "auth.curve.enabled needs auth.curve.allowedKeysSecret: the Secret whose keys are the allowed engines' public certificates (NAME.key; docs/security.md)" -}}
+{{- end -}}
+{{- else if not $a.allowUnauthenticated -}}
+{{- fail "auth.allowUnauthenticated=false needs auth.curve.enabled=true (with auth.curve.serverSecret and auth.curve.allowedKeysSecret): the server refuses to serve the node's IP without CURVE (docs/security.md)" -}}
+{{- end -}}
+{{- if and $a.adminTokenSecret (not .Values.server.enableAdminApi) -}}
+{{- fail "auth.adminTokenSecret is set but server.enableAdminApi is false: set server.enableAdminApi=true to serve the admin API with that token, or drop auth.adminTokenSecret" -}}
+{{- end -}}
+{{- if and (include "kvdepot.auth.openAdmin" .) (not $a.allowUnauthenticated) -}}
+{{- fail "server.enableAdminApi needs auth.adminTokenSecret (a Secret with the bearer token POST /admin/* requires), or auth.allowUnauthenticated=true to leave the admin API open (docs/security.md)" -}}
+{{- end -}}
+{{- if $a.curve.enabled }}
+- --curve-secret-key
+- {{ include "kvdepot.auth.serverKeyFile" . }}
+- --curve-allowed-keys
+- {{ include "kvdepot.auth.allowedKeysDir" . }}
+{{- end }}
+{{- if $a.adminTokenSecret }}
+- --admin-token-file
+- {{ include "kvdepot.auth.adminTokenFile" . }}
+{{- end }}
+{{- if or (not $a.curve.enabled) (include "kvdepot.auth.openAdmin" .) }}
+{{- if not $a.curve.enabled }}
+# auth.allowUnauthenticated: the engines' port without CURVE, open to anyone who reaches it
+# (it could look up and commit chunks of every engine's KV cache; docs/security.md)
+{{- end }}
+{{- if include "kvdepot.auth.openAdmin" . }}
+# auth.allowUnauthenticated: the admin API without a token, open to anyone who reaches it
+{{- end }}
+- --allow-unauthenticated
+{{- end }}
+{{- end -}}
