@@ -104,6 +104,12 @@ def _check_jobs(core: CacheCore, lower_used: dict[str, int]) -> None:
         else:
             assert (arena.state, below.state) == (State.LOADING_IN, State.COPYING_OUT), job
     assert demoting == lower.demoting
+    # Demotions reading one arena slot (to several tiers at once), counted per (key, rank).
+    reading: dict[tuple[bytes, int], int] = {}
+    for job in lower.jobs.values():
+        if job.demote:
+            reading[(job.key, job.rank)] = reading.get((job.key, job.rank), 0) + 1
+    assert reading == lower.reading, (reading, lower.reading)
     # Deadlines only of chunks loading now.
     assert all(core.index.entries[k].loading_ranks for k in lower.deadlines), "a stale deadline"
     waiting = {(digest, where) for digest, found in lower.waiting.items() for where in found}
@@ -117,7 +123,8 @@ def _check_jobs(core: CacheCore, lower_used: dict[str, int]) -> None:
         p is not None and p.state in (State.COPYING_OUT, State.LOADING_IN)
         for e in core.index.entries.values() for p in e.arena
     )
-    assert copies == len(lower.jobs), "an arena place in a copy with no job"
+    places_in_copy = {(j.key, j.rank) for j in lower.jobs.values()}
+    assert copies == len(places_in_copy), "an arena place in a copy with no job"
     for name, books in lower.books.items():
         assert books.in_flight == in_flight[name] <= books.spec.queue_depth, name
         assert books.used_bytes == lower_used[name] <= books.spec.capacity_bytes, name

@@ -58,7 +58,7 @@ class ProbePath:
         if known is not None:
             job_id, until = known
             if now <= until:
-                return len(self.probes[job_id].keys) if job_id else 0
+                return _shared_prefix(keys, self.probes[job_id].keys) if job_id else 0
             if job_id:
                 return 0  # past its deadline: a miss; one probe of a prefix at a time
             del self.probed[first]
@@ -143,3 +143,13 @@ class ProbePath:
             joined.append(key)
             parent = entry
         return joined
+
+
+def _shared_prefix(keys: list[bytes], asked: list[bytes]) -> int:
+    """How many of ``keys`` (a lookup's) the probe of ``asked`` answers: their common start."""
+    n = 0
+    for mine, theirs in zip(keys, asked):
+        if mine != theirs:
+            break
+        n += 1
+    return n

@@ -116,6 +116,9 @@ class LowerTiers(PrefetchPath, ProbePath, Adoption):
         self.jobs: dict[int, _Job] = {}
         self._next_job = 1
         self.demoting: dict[bytes, int] = {}  # key -> its evicting demotion jobs in flight
+        # (key, rank) -> demotions reading that arena slot now (to several tiers at once): it
+        # stays COPYING_OUT, never evictable, until the last one ends.
+        self.reading: dict[tuple[bytes, int], int] = {}
         # Chunks that left the arena unwritten: no tier could take them then (queues full).
         self.unwritten = 0
         self.deadlines: dict[bytes, float] = {}  # loading for a lookup -> missed after this
@@ -230,6 +233,7 @@ class LowerTiers(PrefetchPath, ProbePath, Adoption):
             self.placement.place(entry, rank, source)
             self.index.place_lower(entry, name, rank, Location(name, target, State.LOADING_IN))
             books.used_bytes += footprint
+            self.reading[(entry.key, rank)] = self.reading.get((entry.key, rank), 0) + 1
             job = self._start(_Job(True, name, entry.key, rank, evicting), books)
             self.placement.effects.append(Demote(
                 job, name, ns.digest, entry.key, rank, source.where, entry.slot_bytes, target,
@@ -274,7 +278,11 @@ class LowerTiers(PrefetchPath, ProbePath, Adoption):
 
     def _demotion_done(self, entry: ChunkEntry, job: _Job, books: TierBooks, ok: bool) -> None:
         placement, rank = self.placement, job.rank
-        placement.place(entry, rank, _moved(entry.arena[rank], State.READY))
+        readers = self.reading.pop((entry.key, rank)) - 1
+        if readers:
+            self.reading[(entry.key, rank)] = readers  # another tier still copies the slot
+        else:
+            placement.place(entry, rank, _moved(entry.arena[rank], State.READY))
         target = entry.places_in(job.tier)[rank]
         if ok:
             self.index.place_lower(entry, job.tier, rank, _moved(target, State.READY))

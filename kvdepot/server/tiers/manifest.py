@@ -51,7 +51,7 @@ FORMAT_VERSION = 2  # 1: 16 MiB parts
 PART_BYTES = (4 << 20) - 64
 _FIXED = struct.Struct("<4sHH16s16sIQII")
 _U32 = struct.Struct("<I")
-MAX_PARTS = 1 << 16  # a rank of 1 TiB: anything more is not a manifest of ours
+MAX_PARTS = 1 << 16  # a rank of 256 GiB: anything more is not a manifest of ours
 
 
 class BadManifest(ValueError):
@@ -100,12 +100,13 @@ def unpack(data: bytes) -> Manifest:
         raise OtherVersion(f"manifest format version {version}, this server reads {FORMAT_VERSION}")
     if not 1 <= parts <= MAX_PARTS or len(data) != _FIXED.size + 4 * parts + 4:
         raise BadManifest(f"a manifest of {len(data)} bytes cannot name {parts} parts")
+    # Arithmetic before anything is built: a payload field of 2**61 must cost nothing.
+    if part_bytes < 1 or max(1, -(-payload // part_bytes)) != parts:
+        raise BadManifest(f"{parts} parts of {part_bytes} bytes cannot hold {payload} bytes")
     body = memoryview(data)[:-4]
     if crc32c.crc32c(body) != _U32.unpack_from(data, len(data) - 4)[0]:
         raise BadManifest("manifest checksum (CRC32C) mismatch")
     crcs = struct.unpack_from(f"<{parts}I", data, _FIXED.size)
-    if part_bytes < 1 or len(part_spans(payload, part_bytes)) != parts:
-        raise BadManifest(f"{parts} parts of {part_bytes} bytes cannot hold {payload} bytes")
     return Manifest(namespace, key, rank, payload, tuple(crcs), part_bytes)
 
 

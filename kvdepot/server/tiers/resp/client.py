@@ -345,6 +345,8 @@ class RemoteClient:
                 self.refresh()
             except RemoteError as exc:
                 log.debug("remote topology refresh failed: %s", exc)
+            except Exception:  # noqa: BLE001 - the thread must outlive any reply a node sends
+                log.exception("remote topology refresh failed")
 
 
 def _slot_of(calls: list[Call]) -> int:

@@ -196,7 +196,10 @@ def parse_cluster_slots(reply, asked: Endpoint) -> list[tuple[int, int, Endpoint
 def _endpoint(node, asked: Endpoint) -> Endpoint:
     if not isinstance(node, list) or len(node) < 2 or not isinstance(node[1], int):
         raise RespProtocolError(f"CLUSTER SLOTS node {node!r:.80} has no host and port")
-    host = node[0].decode() if isinstance(node[0], bytes) else ""
+    try:
+        host = node[0].decode() if isinstance(node[0], bytes) else ""
+    except UnicodeDecodeError:
+        raise RespProtocolError(f"CLUSTER SLOTS node host {node[0]!r:.80} is not text") from None
     return Endpoint(host if host not in ("", "?") else asked.host, node[1])
 
 

@@ -42,6 +42,10 @@ _TIMEOUT_SLACK_S = 0.005  # how far past a deadline a plain socket's blocking ca
 # kernel memory; a 4 MiB window still carries 4 GB/s at 1 ms round trips. 0: autotuning.
 SOCKET_BUFFER_BYTES = 4 << 20
 _CRLF = b"\r\n"
+# Replies read into memory (not into a caller's view) are small: manifests, CLUSTER SLOTS,
+# OK/ints; the deepest, CLUSTER SLOTS, nests arrays 3 deep.
+MAX_BULK = 1 << 20
+MAX_DEPTH = 8
 
 
 class RespProtocolError(Exception):
@@ -255,10 +259,13 @@ class Connection:
     # -- receiving
 
     def read_reply(
-        self, deadline: float, into: memoryview | None = None, checksum: bool = False
+        self, deadline: float, into: memoryview | None = None, checksum: bool = False,
+        depth: int = 0,
     ) -> Reply:
         """Read one reply; ``into`` and ``checksum`` as in ``Call`` (a flat writable byte
-        view)."""
+        view). RespProtocolError for arrays nested deeper than ``MAX_DEPTH`` and values over
+        ``MAX_BULK`` read without ``into``: what a broken or hostile node sends must cost a
+        protocol error, never the memory or the stack of the server."""
         line = self._read_line(deadline)
         kind, rest = line[:1], line[1:]
         if kind == b"$":
@@ -266,6 +273,8 @@ class Connection:
             if size < 0:
                 reply = None
             elif into is None:
+                if size > MAX_BULK:
+                    raise RespProtocolError(f"a value of {size} bytes read without a view")
                 reply = self._read_bulk(size, deadline)
             else:
                 reply = self._read_bulk_into(size, into, deadline, checksum)
@@ -277,7 +286,11 @@ class Connection:
             reply = _int(rest)
         elif kind == b"*":
             count = _int(rest)
-            reply = None if count < 0 else [self.read_reply(deadline) for _ in range(count)]
+            if depth >= MAX_DEPTH:
+                raise RespProtocolError(f"arrays nested deeper than {MAX_DEPTH}")
+            reply = None if count < 0 else [
+                self.read_reply(deadline, depth=depth + 1) for _ in range(count)
+            ]
         else:
             raise RespProtocolError(f"not a RESP2 reply: {line[:40]!r}")
         return reply
