@@ -300,10 +300,9 @@ class TierNode(msgspec.Struct):
     last_error: str
 
 
-class TierStats(msgspec.Struct, omit_defaults=True):
+class TierStats(msgspec.Struct):
     """One storage tier below the buffer (a local disk, a remote store): its settings and
-    what it did. Fields at their defaults are not encoded: a disk tier's frame is what it was
-    before the remote tier's fields came."""
+    what it did."""
 
     name: str  # "disk"
     settings: dict[str, str]  # flags and policies: path, write policy, admission, O_DIRECT...
