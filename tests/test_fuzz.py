@@ -2,7 +2,7 @@
 replays clean in this process, and each target fuzzes for a bounded time in a process of its
 own under atheris (coverage-guided, starting from the corpus), with zero crashes.
 
-The bounded runs take about two and a half minutes in all; longer runs are by hand
+The bounded runs take about three minutes in all; longer runs are by hand
 (docs/fuzzing.md). New inputs the runs find go to a temporary directory, not the repo.
 """
 

@@ -64,13 +64,13 @@ A, B = b"engine-a", b"engine-b"
 # that raises RespProtocolError (and let _refresh_loop log and survive any Exception).
 
 
-# Found by fuzzing, fixed (nesting): resp/wire.py Connection.read_reply reads an array's items
-# by calling itself: a node that sends ~500 nested arrays ('*1\r\n' repeated, 2 KB) raises
-# RecursionError, which the remote client's handlers do not expect (RemoteClient.refresh and
-# _refresh_loop catch RespProtocolError/RemoteError only, so the topology thread dies). Found
-# reading the parser (coverage does not lead libFuzzer to depth). Fix: bound the nesting
-# (RespProtocolError past a depth of, say, 16: CLUSTER SLOTS, the deepest reply read, nests 3)
-# or parse with an explicit stack.
+# Found reading the parser while writing its harness, fixed (nesting): resp/wire.py
+# Connection.read_reply reads an array's items by calling itself: a node that sends ~500
+# nested arrays ('*1\r\n' repeated, 2 KB) raises RecursionError, which the remote client's
+# handlers do not expect (RemoteClient.refresh and _refresh_loop catch RespProtocolError /
+# RemoteError only, so the topology thread dies); coverage does not lead libFuzzer to depth.
+# Fix: bound the nesting (RespProtocolError past a small depth: CLUSTER SLOTS, the deepest
+# reply read, nests 3) or parse with an explicit stack.
 # Found by fuzzing, fixed (parts): tiers/manifest.py unpack checks the part count with
 # len(part_spans(payload, part_bytes)), which builds a list of every part the manifest's payload
 # field implies before comparing: a manifest in the shared store (any node writes them; probes

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
-from fuzz_common import Reader, checked, diff, snapshot
+from fuzz_common import Reader, diff, snapshot
 
 from kvdepot.keys import namespace_digest
 from kvdepot.protocol import KEY_BYTES, KVGeometry
@@ -97,9 +97,7 @@ class World:
             specs.append(TierSpec(
                 "shared", (1 + r.below(12)) * SLOT, 1 + r.below(3),
                 lambda ns, key, rank: RemoteKey(b"r" + ns + key + bytes([rank])),
-                write_through=r.flag(), shared=True,
-                # Two tiers writing copy one arena slot at once: a known open issue.
-                writes=r.pick((True, True, False)) and (not specs or checked("two-tiers-copy-one-slot")),
+                write_through=r.flag(), writes=r.pick((True, True, False)), shared=True,
             ))
         prefetch = PrefetchSettings(
             r.pick((0.05, 1.0, 5.0)), r.pick((0.0, 0.25e-3)), r.pick((1e4, 1e4, 1e12))

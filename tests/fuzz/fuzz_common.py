@@ -15,6 +15,7 @@ import functools
 import inspect
 import operator
 import os
+import shlex
 import sys
 import types
 from collections import deque
@@ -24,7 +25,6 @@ import msgspec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
-CRASHES = os.path.join(HERE, "crashes")
 
 
 # Open findings, each reproduced by an xfail test in tests/test_fuzz_regressions.py. A run
@@ -66,7 +66,10 @@ def fuzz(test_one_input: Callable[[bytes], None]) -> None:
         for function in functions:
             if function.__module__ == "__main__":
                 atheris.instrument_func(function)
-    atheris.Setup(sys.argv, test_one_input)
+    # libFuzzer's -merge and -fork run argv[0] again through the shell: this interpreter
+    # with this script, whatever the script's mode bits.
+    again = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(sys.argv[0]))}"
+    atheris.Setup([again, *sys.argv[1:]], test_one_input)
     atheris.Fuzz()
 
 
