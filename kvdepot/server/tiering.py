@@ -340,15 +340,17 @@ class LowerTiers(PrefetchPath, ProbePath, Adoption):
     # --- the tiers' own evictions -----------------------------------------------------------
 
     def _make_room(self, books: TierBooks, nbytes: int, keep: ChunkEntry) -> bool:
-        """Evict from the tier until ``nbytes`` more fit (never ``keep``): chunks waiting for
-        their namespace first (the oldest), then chain tails by the policy."""
+        """Evict from the tier until ``nbytes`` more fit (never ``keep``, nor a chunk the
+        request under way has pinned: a store adding a rank to a chunk that only this tier
+        holds would lose the chunk's entry under it): chunks waiting for their namespace first
+        (the oldest), then chain tails by the policy."""
         while books.used_bytes + nbytes > books.spec.capacity_bytes:
             if books.orphans:
                 self._drop_orphan(books, next(iter(books.orphans.values())))
                 continue
             victim = None
             for policy in books.evictor.policies.values():
-                victim = books.evictor.victim(policy, lambda e: e is keep)
+                victim = books.evictor.victim(policy, lambda e: e is keep or e.pins > 0)
                 if victim is not None:
                     break
             if victim is None:
