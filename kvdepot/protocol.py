@@ -37,6 +37,9 @@ class ErrorCode(enum.IntEnum):
     # Raised by the client, never sent: the shared-memory segment it mapped is not the one of
     # the server boot it talks to (another server's, a stale one, or none), so it is not used.
     ARENA_MISMATCH = 12
+    # The client's key may not do this: it belongs to no tenant (Hello), or its tenant may not
+    # use that salt or model (Register). Nothing was changed.
+    UNAUTHORIZED = 13
 
 
 class SlotStatus(enum.IntEnum):
@@ -338,6 +341,26 @@ class TierStats(msgspec.Struct):
     nodes: list[TierNode] = msgspec.field(default_factory=list)
 
 
+class TenantStats(msgspec.Struct):
+    """One tenant's partition (a server with a tenant file): its own arena, chunks and
+    sessions, and its quotas (bytes; 0: that tier is not used for it)."""
+
+    name: str
+    arena_bytes: int  # its buffer quota: the size of its own segment
+    used_bytes: int
+    chunks: int
+    namespaces: int
+    engines_connected: int
+    leases_held: int
+    reservations_open: int
+    hit_chunks: int
+    miss_chunks: int
+    stored_bytes: int
+    evicted_chunks: int
+    disk_quota_bytes: int
+    remote_quota_bytes: int
+
+
 class ServerStats(msgspec.Struct):
     """A consistent snapshot of what the server holds and did, for clients, /stats and status."""
 
@@ -371,6 +394,8 @@ class ServerStats(msgspec.Struct):
     errors: dict[str, int]
     # Trailing with a default: stats from a server that predates tiers decode with none.
     tiers: list[TierStats] = []
+    # Per tenant (with a tenant file); the figures above are their sums.
+    tenants: list[TenantStats] = []
 
 
 Reply = Union[

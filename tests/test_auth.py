@@ -195,7 +195,7 @@ def test_every_session_knows_its_clients_key(tmp_path, keys):
                          "--cpu-buffer-size", "0.01", "--shm-name", f"kvdepot-auth-{os.getpid()}",
                          "--curve-secret-key", str(keys["server"][1]),
                          "--curve-allowed-keys", str(allowed)])
-    server, arena, workers = build_server(config)
+    server, workers = build_server(config)
     loop = threading.Thread(target=server.serve_forever, daemon=True)
     loop.start()
     clients = []
@@ -213,7 +213,7 @@ def test_every_session_knows_its_clients_key(tmp_path, keys):
         server.stop()
         loop.join(5)
         workers.shutdown()
-        arena.close()
+        server.arena.close()
 
 
 def test_without_its_handler_a_curve_socket_lets_nobody_in(tmp_path, keys):

@@ -113,8 +113,9 @@ class KVDepotClient:
             try:
                 reply = self._call_raw(hello)
             except KVDepotError as exc:
-                # The one BAD_REQUEST a Hello gets: its CURVE key is no longer allowed.
-                if exc.code != int(p.ErrorCode.BAD_REQUEST):
+                # A Hello is refused only for its CURVE key: no longer allowed (BAD_REQUEST),
+                # or in no tenant (UNAUTHORIZED).
+                if exc.code not in (int(p.ErrorCode.BAD_REQUEST), int(p.ErrorCode.UNAUTHORIZED)):
                     raise
                 raise AuthenticationFailed(exc.code, f"the cache server at {self.endpoint} "
                                                      f"refused a session: {exc.message}") from None

@@ -32,8 +32,8 @@ class AuthenticationFailed(ServerUnavailable):
     """The server refused this client at the connection's handshake (CURVE): no key where the
     server requires one, a client key it does not allow (or no longer allows), a server
     public key that is not the server's, or CURVE asked of a server without it (code 0); or
-    at the session's start, a key the server no longer allows (code BAD_REQUEST). The message
-    says which and what to change. Retrying helps only once the keys are fixed."""
+    at the session's start, a key the server no longer allows (code BAD_REQUEST) or one that
+    belongs to no tenant (code UNAUTHORIZED). The message says which and what to change. Retrying helps only once the keys are fixed."""
 
 
 def _code_name(code: int) -> str:

@@ -76,11 +76,13 @@ class ArenaIdentity:
 class SharedArena:
     def __init__(
         self, name: str, size: int, mode: int = 0o600, group: int | None = None,
-        boot_id: str | None = None,
+        boot_id: str | None = None, owner: int | None = None,
     ):
         """Create the segment ``/dev/shm/<name>`` of ``size`` arena bytes (plus the identity
-        block) for the server boot ``boot_id`` (a new one when None). Raises SegmentInUse
-        when a live server holds that name, OSError when /dev/shm cannot hold it."""
+        block) for the server boot ``boot_id`` (a new one when None), with file ``mode``,
+        owned by user id ``owner`` and group id ``group`` (None: the server's; another needs
+        root or CAP_CHOWN). Raises SegmentInUse when a live server holds that name, OSError
+        when /dev/shm cannot hold it or the owner cannot be set."""
         if size <= 0:
             raise ValueError("the arena needs a positive size")
         self.name = name
@@ -89,6 +91,7 @@ class SharedArena:
         self.identity = ArenaIdentity(boot_id or uuid.uuid4().hex, size, os.getpid())
         self._ready = threading.Event()
         self._closed = False
+        self._owner = owner
         self._fd = self._claim(mode, group)  # locked for the server's life; fallocate uses it
         try:
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -193,8 +196,9 @@ class SharedArena:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.fchmod(fd, mode)
-            if group is not None:
-                os.fchown(fd, -1, group)
+            if group is not None or self._owner is not None:
+                os.fchown(fd, -1 if self._owner is None else self._owner,
+                          -1 if group is None else group)
             os.ftruncate(fd, self.size + IDENTITY_BYTES)
             os.pwrite(fd, self.identity.encode(), self.size)
         except BaseException:

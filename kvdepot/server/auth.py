@@ -151,6 +151,10 @@ class CurveAuthenticator:
         """Is ``client_key`` (Z85) allowed now? Any thread."""
         return client_key.encode() in self._allowed
 
+    def certificate_names(self) -> list[str]:
+        """The names of the allowed certificates (file names without .key), now."""
+        return list(self._allowed.values())
+
     def name_of(self, client_key: str) -> str:
         """The certificate name of an allowed key (file name without .key), else ''."""
         return self._allowed.get(client_key.encode(), "")

@@ -55,6 +55,7 @@ class ServerConfig:
     curve_secret_key: str | None = None  # the server's secret certificate; None: no CURVE
     curve_allowed_keys: str | None = None  # directory of the allowed clients' certificates
     allow_unauthenticated: bool = False  # a non-loopback host without CURVE, said explicitly
+    tenants_file: str | None = None  # tenants.py's YAML; None: one cache for every client
     admin_token_file: str | None = None  # POST /admin/* needs its token (bearer)
 
     @property
@@ -67,14 +68,20 @@ class ServerConfig:
 
     @property
     def slab_bytes(self) -> int:
-        if self.slab_size_mb:
-            return self.slab_size_mb * MIB
-        # Big enough that a large model's chunk (tens of MiB per rank) wastes little of a
-        # slab, small enough that a buffer has many slabs to share between models.
-        target = min(256 * MIB, max(MIB, self.buffer_bytes // 16))
-        # Equal slabs that tile the buffer (4 KiB-aligned), so no tail of it goes unused.
-        count = -(-self.buffer_bytes // target)
-        return max(4096, self.buffer_bytes // count // 4096 * 4096)
+        return slab_bytes_for(self.buffer_bytes, self.slab_size_mb)
+
+
+def slab_bytes_for(buffer_bytes: int, slab_size_mb: int = 0) -> int:
+    """The allocator's slab size for a buffer: --slab-size-mb when given (non-zero), else
+    derived from the buffer's size."""
+    if slab_size_mb:
+        return slab_size_mb * MIB
+    # Big enough that a large model's chunk (tens of MiB per rank) wastes little of a
+    # slab, small enough that a buffer has many slabs to share between models.
+    target = min(256 * MIB, max(MIB, buffer_bytes // 16))
+    # Equal slabs that tile the buffer (4 KiB-aligned), so no tail of it goes unused.
+    count = -(-buffer_bytes // target)
+    return max(4096, buffer_bytes // count // 4096 * 4096)
 
 
 def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
@@ -189,6 +196,10 @@ def build_parser(prog: str = "kvdepot serve") -> argparse.ArgumentParser:
                       help="serve a non-loopback --host without CURVE (and the admin API "
                            "without a token): anyone who reaches the ports may read and write "
                            "every engine's KV cache")
+    auth.add_argument("--tenants", dest="tenants_file", default=None, metavar="FILE",
+                      help="tenant file (YAML, docs/security.md): which client keys belong to "
+                           "which tenant, its salt, models and quotas; each tenant gets a "
+                           "buffer (segment) of its own. Needs CURVE")
     auth.add_argument("--admin-token-file", default=None, metavar="PATH",
                       help="file whose first line is the bearer token POST /admin/* requires "
                            "(enables the admin API)")
@@ -315,6 +326,9 @@ def _auth_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     (a clear error then, exit 1): here only what goes together is checked."""
     if (a.curve_secret_key is None) != (a.curve_allowed_keys is None):
         ap.error("--curve-secret-key and --curve-allowed-keys go together")
+    if a.tenants_file is not None and a.curve_secret_key is None:
+        ap.error("--tenants needs --curve-secret-key and --curve-allowed-keys: a client's key "
+                 "names its tenant")
     if not is_loopback(a.host) and not a.allow_unauthenticated:
         if a.curve_secret_key is None:
             ap.error(f"--host {a.host} is not a loopback address: anyone who reaches it could "
@@ -329,4 +343,5 @@ def _auth_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
         curve_allowed_keys=a.curve_allowed_keys,
         allow_unauthenticated=a.allow_unauthenticated,
         admin_token_file=a.admin_token_file,
+        tenants_file=a.tenants_file,
     )

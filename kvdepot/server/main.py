@@ -6,7 +6,10 @@ import grp
 import logging
 import signal
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
 
 import zmq
 
@@ -14,17 +17,21 @@ from kvdepot.server.allocator import SlabAllocator
 from kvdepot.server.arena import SharedArena
 from kvdepot.server.auth import CurveAuthenticator
 from kvdepot.server.cache import CacheCore, CacheObserver
-from kvdepot.server.config import ServerConfig, is_loopback, parse_args
+from kvdepot.server.config import ServerConfig, is_loopback, parse_args, slab_bytes_for
 from kvdepot.server.http import HttpEndpoint, load_admin_token
 from kvdepot.server.metrics import ServerMetrics
+from kvdepot.server.partition import PartitionPlan
 from kvdepot.server.policies import policy_factory
 from kvdepot.server.rpc import CacheServer
+from kvdepot.server.tenants import TenantSpec, load_tenants
 from kvdepot.server.tiers import Tier
 from kvdepot.server.tiers.resp import RemoteClient, RemoteSettings
 from kvdepot.server.tiers.disk import DiskTier
 from kvdepot.server.tiers.remote import RemoteTier
 
 log = logging.getLogger("kvdepot.server")
+
+GIB = 1 << 30
 
 
 class LoggingObserver(CacheObserver):
@@ -44,13 +51,19 @@ class LoggingObserver(CacheObserver):
             self.metrics.observe_retrieve(seconds, chunks, tokens, nbytes)
 
 
-def build_disk_tier(config: ServerConfig) -> DiskTier | None:
-    """The disk tier the flags ask for (None without --disk-path); ValueError when its
+def build_disk_tier(
+    config: ServerConfig, tenant: TenantSpec | None = None
+) -> DiskTier | None:
+    """The disk tier the flags ask for (None without --disk-path), or ``tenant``'s: its
+    directory under --disk-path, its quota (None when it has none); ValueError when the
     directory cannot be used."""
-    if config.disk_path is None:
+    if config.disk_path is None or (tenant is not None and tenant.disk_bytes <= 0):
         return None
+    root, size = config.disk_path, config.disk_bytes
+    if tenant is not None:
+        root, size = str(Path(config.disk_path) / "tenants" / tenant.name), tenant.disk_bytes
     disk = DiskTier(
-        config.disk_path, config.disk_bytes, queue_depth=config.disk_queue_depth,
+        root, size, queue_depth=config.disk_queue_depth,
         write_through=config.disk_write_policy == "write-through",
         admit_hits=config.disk_admit_hits,
     )
@@ -63,17 +76,20 @@ def build_disk_tier(config: ServerConfig) -> DiskTier | None:
     })
     log.info(
         "Disk tier at %s: %s GB, %s%s, O_DIRECT %s, reads ~%.2f GB/s (probe)",
-        disk.root, _gb(config.disk_size_gb), config.disk_write_policy,
+        disk.root, _gb(size / (1 << 30)), config.disk_write_policy,
         f", admitted after {config.disk_admit_hits} hits" if config.disk_admit_hits else "",
         "on" if disk.direct else "off", disk.spec.read_bytes_per_s / 1e9,
     )
     return disk
 
 
-def build_remote_tier(config: ServerConfig, threads: int) -> RemoteTier | None:
-    """The remote tier the flags ask for (None without --remote); connected by ``start``.
-    ``threads``: the worker pool's, which may all copy to one node at once."""
-    if not config.remote_urls:
+def build_remote_tier(
+    config: ServerConfig, threads: int, tenant: TenantSpec | None = None
+) -> RemoteTier | None:
+    """The remote tier the flags ask for (None without --remote), or ``tenant``'s (with its
+    quota; None when it has none); connected by ``start``. ``threads``: the worker pool's,
+    which may all copy to one node at once."""
+    if not config.remote_urls or (tenant is not None and tenant.remote_bytes <= 0):
         return None
     client = RemoteClient(RemoteSettings(
         pool_size=threads,
@@ -90,7 +106,8 @@ def build_remote_tier(config: ServerConfig, threads: int) -> RemoteTier | None:
         timeout_s=config.remote_timeout_ms / 1000,
         probe_timeout_s=max(0.05, config.prefetch.deadline_base_s),
         # Places of chunks in the cluster the core keeps (an index entry each): 8 buffers' worth.
-        known_bytes=8 * config.buffer_bytes,
+        known_bytes=8 * (config.buffer_bytes if tenant is None else tenant.buffer_bytes),
+        quota_bytes=None if tenant is None else tenant.remote_bytes,
         settings={
             "urls": " ".join(_without_password(u) for u in config.remote_urls),
             "tls": "on" if any(u.startswith("rediss://") for u in config.remote_urls) else "off",
@@ -129,62 +146,121 @@ def build_authenticator(config: ServerConfig) -> CurveAuthenticator | None:
     return auth
 
 
-def build_server(config: ServerConfig) -> tuple[CacheServer, SharedArena, ThreadPoolExecutor]:
+def build_server(config: ServerConfig) -> tuple[CacheServer, ThreadPoolExecutor]:
+    """The server the flags ask for, with its worker pool: one partition, or one per tenant
+    of --tenants. Raises ValueError, OSError or KeyError (a group name) with what is wrong,
+    having undone what it made."""
     auth = build_authenticator(config)  # first: a bad key file costs no segment
-    group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
-    arena = SharedArena(config.shm_name, config.buffer_bytes, mode=config.shm_mode, group=group)
+    tenants = load_tenants(config.tenants_file) if config.tenants_file else None
+    if tenants is not None:
+        assert auth is not None  # the parser requires CURVE with --tenants
+        check_tenants(config, tenants, set(auth.certificate_names()))
     threads = config.max_workers
     if config.remote_urls:
         # Remote copies wait on the network, not on this CPU: several in flight keep the
         # cluster's shards busy (each shard's calls go over their own connections).
         threads = max(threads, min(config.remote_queue_depth, 8))
     workers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvdepot-worker")
-    disk = remote = None
-    try:
-        disk = build_disk_tier(config)
-        remote = build_remote_tier(config, threads)
-        tiers: dict[str, Tier] = {t.spec.name: t for t in (disk, remote) if t is not None}
-        metrics = ServerMetrics(lookup_totals_from_stats=True)
-        core = CacheCore(
-            SlabAllocator(config.buffer_bytes, config.slab_bytes),
-            config.chunk_size,
-            lease_ttl_s=config.lease_ttl_s,
-            reservation_ttl_s=config.reservation_ttl_s,
-            policy_factory=policy_factory(config.eviction_policy),
-            observer=LoggingObserver(metrics),
-            tiers=[t.spec for t in tiers.values()],
-            prefetch=config.prefetch,
-        )
-        if disk is not None:
-            # Before any engine can register: its namespace then finds its chunks waiting.
-            core.adopt(disk.spec.name, list(disk.scan()))
+    metrics = ServerMetrics(lookup_totals_from_stats=True)
+    boot_id = uuid.uuid4().hex  # every partition's segment names this boot
+    with ExitStack() as undo:
+        undo.callback(workers.shutdown, wait=False)
+        if auth is not None:
+            undo.callback(auth.stop)
+        plans = [
+            build_partition(config, tenant, boot_id, threads, metrics, undo)
+            for tenant in (tenants or [None])
+        ]
+        single = plans[0] if tenants is None else None
         server = CacheServer(
-            core,
-            arena,
+            single.core if single else None,
+            single.arena if single else None,
             host=config.host,
             port=config.port,
             heartbeat_s=config.heartbeat_s,
             session_timeout_s=config.session_timeout_s,
             metrics=metrics,
             executor=workers,
-            tiers=tiers or None,
+            tiers=(single.tiers or None) if single else None,
             auth=auth,
+            tenants=plans if tenants is not None else (),
         )
-        if remote is not None:
-            remote.start()  # a cluster that cannot be reached is logged, and tried again
-    except BaseException:
-        if auth is not None:
-            auth.stop()
-        workers.shutdown(wait=False)
-        if disk is not None:
-            disk.close()
-        if remote is not None:
-            remote.close()
-        arena.close()
-        raise
+        for plan in plans:
+            for tier in plan.tiers.values():
+                if isinstance(tier, RemoteTier):
+                    tier.start()  # a cluster that cannot be reached is logged, and tried again
+        undo.pop_all()
     log.info("Eviction policy: %s", config.eviction_policy)
-    arena.touch_pages(workers)
-    return server, arena, workers
+    for plan in plans:
+        plan.arena.touch_pages(workers)
+    return server, workers
+
+
+def check_tenants(config: ServerConfig, tenants: list[TenantSpec], certificates: set[str]) -> None:
+    """The tenants fit the node's budgets: their buffers within --cpu-buffer-size, their disk
+    quotas within --disk-size (and none without --disk-path); ValueError otherwise. Keys the
+    file names that no allowed certificate has are only warned about (one may be added)."""
+    buffers = sum(t.buffer_bytes for t in tenants)
+    if buffers > config.buffer_bytes:
+        raise ValueError(f"the tenants' buffers add up to {buffers / GIB:.2f} GB, over "
+                         f"--cpu-buffer-size {config.cpu_buffer_size_gb:g} GB")
+    disks = sum(t.disk_bytes for t in tenants)
+    if disks and config.disk_path is None:
+        raise ValueError("tenants have disk quotas, but there is no --disk-path")
+    if disks > config.disk_bytes:
+        raise ValueError(f"the tenants' disk quotas add up to {disks / GIB:.2f} GB, over "
+                         f"--disk-size {config.disk_size_gb:g} GB")
+    if any(t.remote_bytes for t in tenants) and not config.remote_urls:
+        raise ValueError("tenants have remote quotas, but there is no --remote")
+    for tenant in tenants:
+        missing = sorted(set(tenant.keys) - certificates)
+        if missing:
+            log.warning("Tenant %s: no allowed certificate named %s in --curve-allowed-keys "
+                        "(yet)", tenant.name, ", ".join(missing))
+
+
+def build_partition(
+    config: ServerConfig, tenant: TenantSpec | None, boot_id: str, threads: int,
+    metrics: ServerMetrics, undo: ExitStack,
+) -> PartitionPlan:
+    """One partition: the whole node's cache (``tenant`` None) or a tenant's, with its own
+    segment (``--shm-name``-TENANT, the tenant's owner and mode), buffer, disk directory and
+    quotas. What it opens is closed by ``undo`` if the server does not start."""
+    if tenant is None:
+        name, size, mode, owner = config.shm_name, config.buffer_bytes, config.shm_mode, None
+        group = grp.getgrnam(config.shm_group).gr_gid if config.shm_group else None
+    else:
+        name, size = f"{config.shm_name}-{tenant.name}", tenant.buffer_bytes
+        seg = tenant.segment
+        mode, owner, group = seg.mode_bits, seg.user, seg.group
+    arena = SharedArena(name, size, mode=mode, group=group, boot_id=boot_id, owner=owner)
+    undo.callback(arena.close)
+    disk = build_disk_tier(config, tenant)
+    if disk is not None:
+        undo.callback(disk.close)
+    remote = build_remote_tier(config, threads, tenant)
+    if remote is not None:
+        undo.callback(remote.close)
+    tiers: dict[str, Tier] = {t.spec.name: t for t in (disk, remote) if t is not None}
+    core = CacheCore(
+        SlabAllocator(size, slab_bytes_for(size, config.slab_size_mb)),
+        config.chunk_size,
+        lease_ttl_s=config.lease_ttl_s,
+        reservation_ttl_s=config.reservation_ttl_s,
+        policy_factory=policy_factory(config.eviction_policy),
+        observer=LoggingObserver(metrics),
+        tiers=[t.spec for t in tiers.values()],
+        prefetch=config.prefetch,
+    )
+    if disk is not None:
+        # Before any engine can register: its namespace then finds its chunks waiting.
+        core.adopt(disk.spec.name, list(disk.scan()))
+    if tenant is not None:
+        log.info("Tenant %s: buffer %s GB in %s (mode %s), disk %s GB, remote %s GB%s",
+                 tenant.name, _gb(tenant.buffer_gb), arena.path, tenant.segment.mode,
+                 _gb(tenant.disk_gb), _gb(tenant.remote_gb),
+                 f", models {', '.join(tenant.models)}" if tenant.models else "")
+    return PartitionPlan(core, arena, tiers, tenant)
 
 
 def run(config: ServerConfig) -> int:
@@ -194,14 +270,14 @@ def run(config: ServerConfig) -> int:
     )
     try:
         token = load_admin_token(config.admin_token_file) if config.admin_token_file else None
-        server, arena, workers = build_server(config)
+        server, workers = build_server(config)
     except (OSError, ValueError, KeyError, zmq.ZMQError) as exc:
         log.error("Cannot start: %s", exc)
         return 1
     http = None
     try:
         if config.http_port >= 0:
-            http = _start_http(config, server, arena, token)
+            http = _start_http(config, server, token)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         signal.signal(signal.SIGHUP, lambda *_: _reload(server))
@@ -220,8 +296,10 @@ def run(config: ServerConfig) -> int:
         # Queued tier work is dropped; a copy under way keeps the arena's pages mapped until
         # it ends (close never waits for it).
         workers.shutdown(wait=False, cancel_futures=True)
-        arena.close()
-        log.info("kvdepot stopped; removed %s", arena.path)
+        for partition in server.partitions.values():
+            partition.arena.close()
+        log.info("kvdepot stopped; removed %s",
+                 ", ".join(p.arena.path for p in server.partitions.values()))
     return 0
 
 
@@ -237,9 +315,7 @@ def _reload(server: CacheServer) -> None:
         log.info("SIGHUP: nothing to reload (no --curve-allowed-keys)")
 
 
-def _start_http(
-    config: ServerConfig, server: CacheServer, arena: SharedArena, token: str | None
-) -> HttpEndpoint:
+def _start_http(config: ServerConfig, server: CacheServer, token: str | None) -> HttpEndpoint:
     if config.enable_admin_api and token is None:
         log.warning("Admin API without a token: any process that reaches %s:%d may clear the "
                     "cache (--admin-token-file requires one)", config.host, config.http_port)
@@ -248,7 +324,7 @@ def _start_http(
         config.http_port,
         stats=server.snapshot,
         metrics=server.metrics,
-        is_ready=lambda: arena.ready,
+        is_ready=lambda: server.ready,
         clear_cache=server.clear_cache if config.enable_admin_api else None,
         admin_token=token,
     )

@@ -1,7 +1,8 @@
-"""The RPC loop: a ZMQ ROUTER socket in front of CacheCore.
+"""The RPC loop: a ZMQ ROUTER socket in front of the cache's partitions (partition.py).
 
-One thread runs this loop and owns the core, the allocator and the sessions; nothing else
-touches them. Every frame gets exactly one reply: the typed reply or an ErrorReply. A bad
+One thread runs this loop and owns the partitions' cores and allocators, and the sessions;
+nothing else touches them. Each session belongs to one partition: the only one without
+tenants, else its tenant's (tenants.py), decided by its CURVE key at Hello. Every frame gets exactly one reply: the typed reply or an ErrorReply. A bad
 frame costs its sender an error reply and one log line per minute, never the server.
 """
 
@@ -11,7 +12,7 @@ import logging
 import queue
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import msgspec
@@ -24,8 +25,10 @@ from kvdepot.server.arena import SharedArena
 from kvdepot.server.auth import CurveAuthenticator
 from kvdepot.server.handlers import RequestHandlers
 from kvdepot.server.metrics import ServerMetrics
+from kvdepot.server.partition import CachePartition, NamespaceHandles, PartitionPlan
 from kvdepot.server.sessions import Complaints, Session
 from kvdepot.server.stats import collect_stats
+from kvdepot.server.tenants import TenantDirectory
 from kvdepot.server.tiers import Tier
 from kvdepot.server.workers import Completions, TierWorkers, count_evictions
 
@@ -41,8 +44,8 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 class CacheServer(RequestHandlers):
     def __init__(
         self,
-        core: CacheCore,
-        arena: SharedArena,
+        core: CacheCore | None = None,
+        arena: SharedArena | None = None,
         *,
         host: str = "localhost",
         port: int = 5555,
@@ -53,17 +56,42 @@ class CacheServer(RequestHandlers):
         executor: Executor | None = None,
         tiers: Mapping[str, Tier] | None = None,
         auth: CurveAuthenticator | None = None,
+        tenants: Sequence[PartitionPlan] = (),
     ):
-        """``executor`` runs tier I/O (the --max-workers pool; a one-thread pool of its own
-        when None); ``tiers``: the lower tiers by name, whose books the core keeps; ``auth``:
-        CURVE on the port, every session knowing its client's key (None: no authentication)."""
-        lower = core.places.lower
-        missing = set(lower.books if lower else ()) - set(tiers or ())
-        if missing:
-            raise ValueError(f"the core keeps books of tiers {sorted(missing)} that nobody runs")
+        """One cache (``core``, its ``arena`` and ``tiers``, the lower tiers by name whose
+        books the core keeps) or, with ``tenants``, one partition per tenant (then CURVE
+        ``auth`` is required: a session's key names its tenant). ``executor`` runs tier I/O
+        (the --max-workers pool; a one-thread pool of its own when None); ``auth``: CURVE on
+        the port, every session knowing its client's key (None: no authentication).
+        ValueError for a core keeping books of a tier nobody runs, tenants without CURVE,
+        arenas of different boots, or both a core and tenants."""
+        if tenants:
+            if core is not None or arena is not None or tiers:
+                raise ValueError("a server has either one core or tenants, not both")
+            if auth is None:
+                raise ValueError("tenants need CURVE authentication: a key names its tenant")
+            plans = list(tenants)
+        else:
+            if core is None or arena is None:
+                raise ValueError("a server without tenants needs a core and its arena")
+            plans = [PartitionPlan(core, arena, tiers or {})]
+        for plan in plans:
+            lower = plan.core.places.lower
+            missing = set(lower.books if lower else ()) - set(plan.tiers)
+            if missing:
+                raise ValueError(f"the core keeps books of tiers {sorted(missing)} that nobody runs")
+        # Written into every segment: engines check that they mapped this boot's.
+        self.boot_id = plans[0].arena.boot_id
+        if any(plan.arena.boot_id != self.boot_id for plan in plans):
+            raise ValueError("every partition's arena must carry the server's boot id")
+        # The one cache of a server without tenants (tests and tools reach it here).
         self.core = core
         self.arena = arena
-        self.boot_id = arena.boot_id  # written into the segment: engines check their mapping
+        self.directory = (
+            TenantDirectory([plan.tenant for plan in plans if plan.tenant is not None])
+            if tenants else None
+        )
+        self.handles = NamespaceHandles()
         self.heartbeat_s = heartbeat_s
         self.session_timeout_s = session_timeout_s
         self.metrics = metrics
@@ -104,13 +132,18 @@ class CacheServer(RequestHandlers):
         self.endpoint = f"tcp://{host}:{port}"
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._own_executor = executor is None
-        self.workers = TierWorkers(
-            executor or ThreadPoolExecutor(1, thread_name_prefix="kvdepot-worker"),
-            self.completions,
-            tiers or {},
-            arena.view,
-            count_evictions(metrics) if metrics is not None else None,
-        )
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="kvdepot-worker")
+        self.partitions: dict[str, CachePartition] = {}
+        for plan in plans:
+            name = plan.tenant.name if plan.tenant is not None else ""
+            workers = TierWorkers(
+                self.executor,
+                self.completions.poster(name),
+                plan.tiers,
+                plan.arena.view,
+                count_evictions(metrics) if metrics is not None else None,
+            )
+            self.partitions[name] = CachePartition(name, plan.core, plan.arena, workers, plan.tenant)
         self._handlers: dict[type, Callable] = {
             p.Register: self._register,
             p.Lookup: self._lookup,
@@ -156,18 +189,22 @@ class CacheServer(RequestHandlers):
 
     def _on_wake(self) -> None:
         """Apply what tier workers finished, and run admin jobs, now."""
-        for done in self.completions.take():
+        for owner, done in self.completions.take():
             try:
-                self.core.complete(done, self.clock())
+                self.partitions[owner].core.complete(done, self.clock())
             except Exception:  # noqa: BLE001 - a bug must cost one completion, never the server
                 log.exception("Unexpected error while applying %r", done)
         self._run_admin_jobs()
         self._start_effects()
 
     def _start_effects(self) -> None:
-        effects = self.core.take_effects()
-        if effects:
-            self.workers.start(effects)
+        for partition in self.partitions.values():
+            partition.start_effects()
+
+    @property
+    def ready(self) -> bool:
+        """Is every partition's arena touched and ready (see SharedArena.ready)? Any thread."""
+        return all(partition.arena.ready for partition in self.partitions.values())
 
     def stop(self) -> None:
         """Ask the loop to exit (safe from signal handlers and other threads)."""
@@ -175,7 +212,7 @@ class CacheServer(RequestHandlers):
 
     def _close_sockets(self) -> None:
         if self._own_executor:
-            self.workers.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor.shutdown(wait=False, cancel_futures=True)
         try:
             self._socket.disable_monitor()
         except zmq.ZMQError:
@@ -199,9 +236,11 @@ class CacheServer(RequestHandlers):
                     self._end_session(session, "disconnected")
 
     def _maintain(self, now: float) -> None:
-        leases, reservations = self.core.expire(now)
-        if leases or reservations:
-            log.info("Expired %d leases and %d reservations", leases, reservations)
+        for partition in self.partitions.values():
+            leases, reservations = partition.core.expire(now)
+            if leases or reservations:
+                tenant = f" of tenant {partition.name}" if partition.name else ""
+                log.info("Expired %d leases and %d reservations%s", leases, reservations, tenant)
         deadline = now - self.session_timeout_s
         for session in [s for s in self.sessions.values() if s.last_seen < deadline]:
             self._end_session(session, f"sent nothing for {self.session_timeout_s:.0f} s")
@@ -219,7 +258,9 @@ class CacheServer(RequestHandlers):
 
     def _end_session(self, session: Session, why: str) -> None:
         self.sessions.pop(session.identity, None)
-        leases, reservations = self.core.drop_session(session.identity, self.clock())
+        partition = session.partition
+        partition.sessions -= 1
+        leases, reservations = partition.core.drop_session(session.identity, self.clock())
         log.info(
             "Engine %s %s: dropped %d leases and %d reservations",
             session.engine_id, why, leases, reservations,
@@ -332,12 +373,15 @@ class CacheServer(RequestHandlers):
 
     # --- stats and admin (other threads) ----------------------------------------------------
 
-    def stats(self, now: float | None = None) -> p.ServerStats:
+    def stats(
+        self, now: float | None = None, partitions: Sequence[CachePartition] | None = None
+    ) -> p.ServerStats:
+        """The server's stats (RPC thread): every partition's, or only ``partitions``'."""
         now = self.clock() if now is None else now
         return collect_stats(
-            self.core, boot_id=self.boot_id, uptime_s=now - self.started_at,
-            ready=self.arena.ready, engines_connected=len(self.sessions), errors=self._errors,
-            tiers=self.workers.tiers,
+            list(self.partitions.values()) if partitions is None else list(partitions),
+            boot_id=self.boot_id, uptime_s=now - self.started_at, ready=self.ready,
+            errors=self._errors, tenants=self.directory is not None,
         )
 
     def _publish_snapshot(self, now: float) -> None:
@@ -357,7 +401,13 @@ class CacheServer(RequestHandlers):
         return future.result(timeout)
 
     def clear_cache(self) -> int:
-        return int(self.run_in_loop(self.core.clear))  # type: ignore[arg-type]
+        """Drop every chunk nobody holds, in every partition and tier; how many chunks left
+        the arenas. Any thread."""
+
+        def clear() -> int:
+            return sum(partition.core.clear() for partition in self.partitions.values())
+
+        return int(self.run_in_loop(clear))  # type: ignore[arg-type]
 
     def end_sessions_of(self, client_keys: frozenset[str]) -> None:
         """End the sessions of these CURVE client keys (no longer allowed): their leases and

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvdepot.server.partition import CachePartition
 
 log = logging.getLogger("kvdepot.server")
 
@@ -17,6 +21,7 @@ class Session:
     ``client_key``: the client's CURVE public key (Z85, 40 characters) that the ZAP handler
     accepted for this connection, fixed for the session's life; "" on a server without
     authentication. Handlers read it as ``server.sessions[identity].client_key``.
+    ``partition``: set at Hello, fixed for the session's life.
     """
 
     identity: bytes
@@ -25,6 +30,8 @@ class Session:
     fd: int
     last_seen: float
     client_key: str = ""
+    # The partition (partition.py) its requests go to: its tenant's, or the only one.
+    partition: CachePartition = None  # type: ignore[assignment]
 
 
 class Complaints:

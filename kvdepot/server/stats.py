@@ -2,52 +2,77 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from kvdepot import __version__
 from kvdepot import protocol as p
 from kvdepot.server.cache import CacheCore
 from kvdepot.server.tiers import Tier
 
+if TYPE_CHECKING:
+    from kvdepot.server.partition import CachePartition
+
 
 def collect_stats(
-    core: CacheCore, *, boot_id: str, uptime_s: float, ready: bool, engines_connected: int,
-    errors: dict[str, int], tiers: Mapping[str, Tier] | None = None,
+    partitions: Sequence[CachePartition], *, boot_id: str, uptime_s: float, ready: bool,
+    errors: dict[str, int], tenants: bool = False,
 ) -> p.ServerStats:
-    """What ``core`` holds and did; RPC thread (other threads read the published copy).
-    ``tiers``: the lower tiers the core keeps books of, by name (their I/O figures)."""
-    alloc, c = core.allocator, core.counters
+    """What the partitions hold and did, summed; RPC thread (other threads read the published
+    copy). ``tenants``: the partitions are tenants': each gets a TenantStats row, and its
+    tiers' rows are named ``TENANT/TIER``."""
+    totals = dict.fromkeys(_SUMMED, 0)
+    tier_rows: list[p.TierStats] = []
+    tenant_rows: list[p.TenantStats] = []
+    for partition in partitions:
+        core, alloc, c = partition.core, partition.core.allocator, partition.core.counters
+        own = {
+            "arena_bytes": alloc.capacity, "used_bytes": alloc.used_bytes,
+            "free_bytes": alloc.free_bytes, "chunks": len(core.index),
+            "namespaces": len(core.index.namespaces), "engines_connected": partition.sessions,
+            "leases_held": len(core.leases), "reservations_open": len(core.reservations),
+            **{name: getattr(c, name) for name in _COUNTERS},
+        }
+        for name, value in own.items():
+            totals[name] += value
+        rows = tier_stats(core, partition.tiers)
+        if tenants:
+            for row in rows:
+                row.name = f"{partition.name}/{row.name}"
+            tenant = partition.tenant
+            tenant_rows.append(p.TenantStats(
+                name=partition.name,
+                **{f: own[f] for f in _TENANT_FIELDS},
+                disk_quota_bytes=tenant.disk_bytes if tenant is not None else 0,
+                remote_quota_bytes=tenant.remote_bytes if tenant is not None else 0,
+            ))
+        tier_rows.extend(rows)
     return p.ServerStats(
         version=__version__,
         boot_id=boot_id,
         uptime_s=uptime_s,
         ready=ready,
-        arena_bytes=alloc.capacity,
-        used_bytes=alloc.used_bytes,
-        free_bytes=alloc.free_bytes,
-        chunk_tokens=core.chunk_tokens,
-        chunks=len(core.index),
-        namespaces=len(core.index.namespaces),
-        engines_connected=engines_connected,
-        leases_held=len(core.leases),
-        reservations_open=len(core.reservations),
-        lookups=c.lookups,
-        hit_chunks=c.hit_chunks,
-        miss_chunks=c.miss_chunks,
-        hit_tokens=c.hit_tokens,
-        miss_tokens=c.miss_tokens,
-        stored_chunks=c.stored_chunks,
-        stored_tokens=c.stored_tokens,
-        stored_bytes=c.stored_bytes,
-        retrieved_chunks=c.retrieved_chunks,
-        retrieved_tokens=c.retrieved_tokens,
-        retrieved_bytes=c.retrieved_bytes,
-        evicted_chunks=c.evicted_chunks,
-        expired_leases=c.expired_leases,
-        expired_reservations=c.expired_reservations,
+        chunk_tokens=partitions[0].core.chunk_tokens,
         errors=dict(errors),
-        tiers=tier_stats(core, tiers or {}),
+        tiers=tier_rows,
+        tenants=tenant_rows,
+        **totals,
     )
+
+
+_COUNTERS = (
+    "lookups", "hit_chunks", "miss_chunks", "hit_tokens", "miss_tokens", "stored_chunks",
+    "stored_tokens", "stored_bytes", "retrieved_chunks", "retrieved_tokens", "retrieved_bytes",
+    "evicted_chunks", "expired_leases", "expired_reservations",
+)
+_SUMMED = (
+    "arena_bytes", "used_bytes", "free_bytes", "chunks", "namespaces", "engines_connected",
+    "leases_held", "reservations_open", *_COUNTERS,
+)
+_TENANT_FIELDS = (
+    "arena_bytes", "used_bytes", "chunks", "namespaces", "engines_connected", "leases_held",
+    "reservations_open", "hit_chunks", "miss_chunks", "stored_bytes", "evicted_chunks",
+)
 
 
 def tier_stats(core: CacheCore, tiers: Mapping[str, Tier]) -> list[p.TierStats]:

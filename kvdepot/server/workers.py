@@ -47,7 +47,8 @@ class Completions:
     identity = b"\0kvdepot-completions"  # longer than ZMQ's generated ids (5 bytes)
 
     def __init__(self, ctx: zmq.Context, address: str):
-        self._items: queue.SimpleQueue[Completion] = queue.SimpleQueue()
+        # (owner, completion): the partition whose core the completion is for.
+        self._items: queue.SimpleQueue[tuple[str, Completion]] = queue.SimpleQueue()
         self._lock = threading.Lock()  # one socket, shared by the workers
         self._closed = False
         self._wake = ctx.socket(zmq.DEALER)
@@ -55,10 +56,11 @@ class Completions:
         self._wake.setsockopt(zmq.ROUTING_ID, self.identity)
         self._wake.connect(address)
 
-    def post(self, completion: Completion | None = None) -> None:
-        """Hand a completion over (None: only wake the loop); any thread."""
+    def post(self, completion: Completion | None = None, owner: str = "") -> None:
+        """Hand a completion for partition ``owner`` over (None: only wake the loop); any
+        thread."""
         if completion is not None:
-            self._items.put(completion)
+            self._items.put((owner, completion))
         with self._lock:
             if self._closed:
                 return
@@ -67,8 +69,12 @@ class Completions:
             except zmq.Again:
                 pass  # wake-ups are queued already: the loop will take this one too
 
-    def take(self) -> list[Completion]:
-        """Everything posted so far; RPC thread."""
+    def poster(self, owner: str) -> Callable[[Completion], None]:
+        """``post`` for the completions of partition ``owner``'s workers."""
+        return lambda completion: self.post(completion, owner)
+
+    def take(self) -> list[tuple[str, Completion]]:
+        """Everything posted so far, with its partition; RPC thread."""
         items = []
         while True:
             try:
@@ -83,19 +89,20 @@ class Completions:
 
 
 class TierWorkers:
-    """Runs effects: copies and deletes on ``executor``, against ``tiers`` by name, with the
-    arena's bytes from ``arena_view(offset, nbytes)``; evictions go to ``on_evicted``."""
+    """Runs one partition's effects: copies and deletes on ``executor``, against ``tiers`` by
+    name, with its arena's bytes from ``arena_view(offset, nbytes)``; completions go to
+    ``post`` (Completions.poster), evictions to ``on_evicted``."""
 
     def __init__(
         self,
         executor: Executor,
-        completions: Completions,
+        post: Callable[[Completion], None],
         tiers: Mapping[str, Tier],
         arena_view: Callable[[int, int], memoryview],
         on_evicted: Callable[[str, int], None] | None = None,
     ):
         self.executor = executor
-        self.completions = completions
+        self.post = post
         self.tiers = dict(tiers)
         self.arena_view = arena_view
         self.on_evicted = on_evicted
@@ -137,9 +144,9 @@ class TierWorkers:
             except IndexError:
                 return
             if done is ProbeDone:
-                self.completions.post(ProbeDone(effect.job, 0, f"not started: {exc}"))  # type: ignore[union-attr]
+                self.post(ProbeDone(effect.job, 0, f"not started: {exc}"))  # type: ignore[union-attr]
             elif done is not None:
-                self.completions.post(done(effect.job, False, f"not started: {exc}"))  # type: ignore[union-attr]
+                self.post(done(effect.job, False, f"not started: {exc}"))  # type: ignore[union-attr]
 
     def _run_next(self) -> None:
         try:
@@ -152,7 +159,7 @@ class TierWorkers:
         tier = self.tiers.get(job.tier)
         write = None if tier is None else (lambda view: tier.write(job, view))
         ok, error = self._copy(write, job.source.offset, job.nbytes)
-        self.completions.post(DemotionDone(job.job, ok, error))
+        self.post(DemotionDone(job.job, ok, error))
 
     def _prefetch(self, job: Prefetch) -> None:
         tier = self.tiers.get(job.tier)
@@ -170,7 +177,7 @@ class TierWorkers:
         # Reads running at once share the disk: each one's wall time over the reads beside it
         # is its share, so the core's estimate is the tier's speed, not one read's.
         sharing = max(1.0, (beside_at_start + beside_at_end) / 2)
-        self.completions.post(PrefetchDone(job.job, ok, error, (time.perf_counter() - started) / sharing))
+        self.post(PrefetchDone(job.job, ok, error, (time.perf_counter() - started) / sharing))
 
     def _probe(self, job: Probe) -> None:
         found, error = 0, ""
@@ -178,7 +185,7 @@ class TierWorkers:
             found = self.tiers[job.tier].probe(job)
         except Exception as exc:  # noqa: BLE001 - a tier that cannot answer is a miss
             error = f"{type(exc).__name__}: {exc}"
-        self.completions.post(ProbeDone(job.job, found, error))
+        self.post(ProbeDone(job.job, found, error))
 
     def _delete(self, job: Delete) -> None:
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import crc32c
@@ -53,12 +54,16 @@ class RemoteTier:
 
     ``known_bytes``: how many bytes of chunks in the cluster the core keeps places of (what
     this node wrote or found there); a place forgotten past it is only forgotten. ``timeout_s``:
-    the deadline of a write, and of a read beyond the prefetch deadline's own."""
+    the deadline of a write, and of a read beyond the prefetch deadline's own. ``quota_bytes``:
+    a tenant's quota (None: none): the bytes this node writes or renews within one TTL, so the
+    bytes it keeps alive in the cluster never exceed it (every key expires a TTL after its last
+    write); a write past it fails ("over quota") and is counted as a write error."""
 
     def __init__(
         self, client: RemoteClient, *, key_prefix: str, ttl_s: int, write_policy: str,
         known_bytes: int, queue_depth: int = 16, timeout_s: float = 2.0,
         probe_timeout_s: float = 1.0, name: str = "remote", settings: dict[str, str] | None = None,
+        quota_bytes: int | None = None,
     ):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"remote write policy {write_policy!r}: one of {WRITE_POLICIES}")
@@ -69,6 +74,10 @@ class RemoteTier:
         self.client = client
         self.prefix = key_prefix.encode()
         self.ttl_ms = b"%d" % (ttl_s * 1000)
+        self.ttl_s = ttl_s
+        self.quota_bytes = quota_bytes
+        self._charged: deque[tuple[float, int]] = deque()  # (when, bytes) of the last TTL
+        self._charged_bytes = 0
         self.timeout_s = timeout_s
         self.probe_timeout_s = probe_timeout_s
         self._lock = threading.Lock()
@@ -103,6 +112,7 @@ class RemoteTier:
         keys = chunk_keys(self.prefix, job.namespace, job.key, job.rank)
         deadline = time.monotonic() + self.timeout_s
         try:
+            self._charge(job.nbytes)
             self._ensure_started()
             if self._renew_if_stored(keys, job, deadline):
                 return
@@ -198,6 +208,21 @@ class RemoteTier:
         ]
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _charge(self, nbytes: int) -> None:
+        """Count a write (or renewal) of ``nbytes`` against the quota; TierError past it."""
+        if self.quota_bytes is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            charged = self._charged
+            while charged and charged[0][0] <= now - self.ttl_s:
+                self._charged_bytes -= charged.popleft()[1]
+            if self._charged_bytes + nbytes > self.quota_bytes:
+                raise TierError(f"over quota: {self.quota_bytes} bytes written per "
+                                f"{self.ttl_s} s TTL")
+            charged.append((now, nbytes))
+            self._charged_bytes += nbytes
 
     def _ensure_started(self) -> None:
         if self._started:
