@@ -418,18 +418,25 @@ def test_random_operations_with_a_tier_keep_every_byte_and_every_chain(policy, o
     empty_everything(core, tier)
 
 
-def reachable_on_tier(tier: FakeTier, model: ChainModel, world_size: dict[bytes, int]) -> set[bytes]:
-    """The keys whose every rank the tier holds and whose chain, up to its head, it holds too."""
+def reachable_on_tier(tier: FakeTier, world_size: dict[bytes, int]) -> set[bytes]:
+    """The keys whose every rank the tier holds, recorded with one parent, and whose chain up
+    to a head, by those records, it holds too. By the records, not the true chains: a chunk
+    stored while its parent's store was dropped (an abort, an expiry) is written down as a
+    head, and a restart can know no better (a lookup never reaches it; its tier evicts it as
+    any tail)."""
+    parents: dict[bytes, set[bytes]] = {}
     ranks: dict[bytes, set[int]] = {}
     for chunk in tier.meta.values():
         ranks.setdefault(chunk.key, set()).add(chunk.rank)
-    whole = {k for k, r in ranks.items() if len(r) == world_size[k]}
+        parents.setdefault(chunk.key, set()).add(chunk.parent)
+    whole = {k: next(iter(parents[k])) for k, r in ranks.items()
+             if len(r) == world_size[k] and len(parents[k]) == 1}
     out = set()
     for key in whole:
         k = key
-        while k in whole and model.parent[k]:
-            k = model.parent[k]
-        if k in whole and not model.parent[k]:
+        while k in whole and whole[k]:
+            k = whole[k]
+        if k in whole and not whole[k]:
             out.add(key)
     return out
 
@@ -443,6 +450,10 @@ def reachable_on_tier(tier: FakeTier, model: ChainModel, world_size: dict[bytes,
 # that very chunk: its entry left the index under the store, and the commit failed.
 @example(ops=[(0, 3, 0, 4, 215), (0, 3, 0, 4, 15046), (0, 0, 0, 3, 14), (0, 5, 0, 3, 403),
               (0, 5, 0, 5, 188)], more=[], finishes=[])
+# A chunk written down while its parent was unknown (the parent's store was dropped, then the
+# chunk linked again later): the tier's record says head; found 1 run in ~3000.
+@example(ops=[(0, 1, 0, 5, 81), (0, 1, 5, 4, 4593), (0, 1, 11, 5, 35254), (6, 1, 9, 4, 195)],
+         more=[], finishes=[])
 def test_random_operations_across_a_restart_keep_every_byte_and_every_chain(
     write_through, admit_hits, ops, more, finishes
 ):
@@ -471,7 +482,7 @@ def test_random_operations_across_a_restart_keep_every_byte_and_every_chain(
     found = list(tier.meta.values())
     sizes = {ns.digest: ns for ns, _ in model.chains}
     world = {c.key: sizes[c.namespace].world_size for c in found}
-    expected = reachable_on_tier(tier, model, world)
+    expected = reachable_on_tier(tier, world)
 
     again = tiered_core(**kw)
     tier2 = FakeTier(again)

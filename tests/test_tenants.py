@@ -397,3 +397,11 @@ def as_user(uid: int, segments: list[str]) -> list[str]:
         data = f.read().decode()
     os.waitpid(pid, 0)
     return data.split("\n")
+
+
+def test_the_security_docs_tenant_file_is_a_valid_one():
+    doc = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    block = doc.split("```yaml\n# /etc/kvdepot/tenants.yaml\n", 1)[1].split("```", 1)[0]
+    tenants = parse_tenants(block)
+    assert [t.name for t in tenants] == ["team-a", "team-b"]
+    assert tenants[0].segment.user == 1001 and tenants[1].namespace_salt == "team-b"
