@@ -117,7 +117,25 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             f"{get('expired_leases', 0):,} leases, {get('expired_reservations', 0):,} reservations",
         ),
         ("errors", ", ".join(f"{code} {n:,}" for code, n in sorted(errors.items())) or "none"),
+        *(row for tenant in get("tenants") or () for row in tenant_rows(tenant)),
         *(row for tier in get("tiers") or () for row in tier_rows(tier)),
+    ]
+
+
+def tenant_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
+    """A tenant's rows (a server with --tenants): its own buffer, chunks, engines, quotas."""
+    get = t.get
+    quotas = [f"{name} {human_bytes(get(key, 0))}" for name, key in
+              (("disk", "disk_quota_bytes"), ("remote", "remote_quota_bytes")) if get(key)]
+    return [
+        (f"tenant {get('name', '?')}",
+         f"{human_bytes(get('used_bytes', 0))} used of its {human_bytes(get('arena_bytes', 0))} "
+         f"buffer, {get('chunks', 0):,} chunks, {get('engines_connected', 0):,} engines"),
+        ("  activity",
+         f"{get('hit_chunks', 0):,} hits, {get('miss_chunks', 0):,} misses, stored "
+         f"{human_bytes(get('stored_bytes', 0))}, {get('evicted_chunks', 0):,} evicted, "
+         f"{get('leases_held', 0):,} leases, {get('reservations_open', 0):,} reservations"),
+        ("  quotas", ", ".join(quotas) or "buffer only"),
     ]
 
 
