@@ -410,3 +410,47 @@ def test_the_security_docs_tenant_file_is_a_valid_one():
     tenants = parse_tenants(block)
     assert [t.name for t in tenants] == ["team-a", "team-b"]
     assert tenants[0].segment.user == 1001 and tenants[1].namespace_salt == "team-b"
+
+
+def test_vllm_engines_share_within_a_tenant_and_never_across(tmp_path, keys):
+    """Real vLLM CPU engines through a server with tenants: a second engine of team-a hits
+    every whole chunk the first stored (bit-equal to vLLM's own prefix-cache hit); team-b's
+    engine, same prompt, misses and computes the same output; a team-a engine claiming
+    team-b's salt is refused and serves without the cache, same output."""
+    pytest.importorskip("vllm")
+    import vllm_support as vs
+
+    model = vs.write_tiny_llama(tmp_path / "tiny-llama", seed=0)
+    prompt = vs.random_prompt(840, seed=1)  # 3 whole chunks + 72 tokens
+    rounds = [{"prompts": [prompt], "max_tokens": 8}]
+    base = vs.run_engine(model, rounds * 2)["rounds"]  # a full prefill, then vLLM's own hit
+    full, hit = base[0]["outputs"][0], base[1]["outputs"][0]
+    allowed = allowed_dir(tmp_path, keys, "a1", "a2", "b")
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants:\n"
+                       " - {name: team-a, keys: [a1, a2], buffer_gb: 0.02}\n"
+                       " - {name: team-b, keys: [b], buffer_gb: 0.02}\n")
+    srv = vs.KVDepotServer(cpu_buffer_gb=0.05, extra_args=[
+        "--curve-secret-key", str(keys["server"][1]), "--curve-allowed-keys", str(allowed),
+        "--tenants", str(tenants)])
+    srv._client = KVDepotClient("127.0.0.1", srv.port, curve=curve(keys, "a1"), timeout_ms=500)
+
+    def engine(name: str, **extra) -> dict:
+        cfg = vs.kvdepot_transfer_config(srv.port, **{
+            "kvdepot.curve_server_key": str(keys["server"][0]),
+            "kvdepot.curve_client_key": str(keys[name][1]), **extra})
+        return vs.run_engine(model, rounds, kv_transfer_config=cfg)
+
+    with srv:
+        outs = [engine(name)["rounds"][0]["outputs"][0] for name in ("a1", "a2", "b")]
+        assert [o["num_cached_tokens"] for o in outs] == [0, 768, 0]
+        vs.assert_same_output(outs[0], full)
+        vs.assert_same_output(outs[1], hit)
+        vs.assert_same_output(outs[2], full)
+        borrowed = engine("a2", **{"kvdepot.salt": "team-b"})
+        out = borrowed["rounds"][0]["outputs"][0]
+        assert out["num_cached_tokens"] == 0
+        vs.assert_same_output(out, full)
+    log = Path(borrowed["log"]).read_text()
+    said = [line for line in log.splitlines() if "refused this engine" in line]
+    assert said and "this salt is not your tenant's" in said[0], log[-3000:]

@@ -155,11 +155,16 @@ class ServerLink:
                 )
                 return True
         except KVDepotError as exc:
-            if exc.code in _REFUSALS:
+            if exc.code == int(ErrorCode.UNAUTHORIZED):
+                # Its tenant may not use this salt or model: said once, tried again now and
+                # then (a tenant file changes with a server restart).
+                why, refused = f"refused this engine ({exc.message})", True
+            elif exc.code in _REFUSALS:
                 log.error("kvdepot: %sthe server refused this engine's KV layout (%s); cache off", who, exc)
                 self._next_attempt = float("inf")
                 return False
-            log.debug("kvdepot: %sregister failed: %s", who, exc)
+            else:
+                log.debug("kvdepot: %sregister failed: %s", who, exc)
         self.away(why, refused)
         return None
 
