@@ -124,11 +124,18 @@ render, so they never reach a node as a crash loop.
 {{- if and (include "kvdepot.auth.openAdmin" .) (not $a.allowUnauthenticated) -}}
 {{- fail "server.enableAdminApi needs auth.adminTokenSecret (a Secret with the bearer token POST /admin/* requires), or auth.allowUnauthenticated=true to leave the admin API open (docs/security.md)" -}}
 {{- end -}}
+{{- if and $a.tenants (not $a.curve.enabled) -}}
+{{- fail "auth.tenants needs auth.curve.enabled=true: a client's CURVE key names its tenant (docs/security.md)" -}}
+{{- end -}}
 {{- if $a.curve.enabled }}
 - --curve-secret-key
 - {{ include "kvdepot.auth.serverKeyFile" . }}
 - --curve-allowed-keys
 - {{ include "kvdepot.auth.allowedKeysDir" . }}
+{{- if $a.tenants }}
+- --tenants
+- /etc/kvdepot/tenants/tenants.yaml
+{{- end }}
 {{- end }}
 {{- if $a.adminTokenSecret }}
 - --admin-token-file
