@@ -186,6 +186,12 @@ def test_each_tenant_maps_its_own_segment_and_strangers_are_refused(tmp_path, ke
         assert s.engines_connected == 3 and [t.name for t in s.tenants] == ["team-a", "team-b"]
         assert (tenant_row(s, "team-a").engines_connected, tenant_row(s, "team-b").engines_connected) == (2, 1)
         assert s.arena_bytes == 6 * MIB
+        status, _, body = http("GET", f"http://127.0.0.1:{srv.http_port}/metrics")
+        metrics = body.decode()
+        assert status == 200
+        assert 'kvdepot_tenant_buffer_capacity_bytes{tenant="team-a"} 2.097152e+06' in metrics
+        assert 'kvdepot_tenant_engines_connected{tenant="team-a"} 2.0' in metrics
+        assert "salt-of-a" not in metrics and '"a1"' not in metrics  # no salt, no key name
         table = io.StringIO()
         assert run_status(f"127.0.0.1:{srv.http_port}", out=table) == 0
         assert "tenant team-a" in table.getvalue() and "of its 2.10 MB buffer" in table.getvalue()

@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from kvdepot.protocol import Batch, ErrorCode, ServerStats, SingleRequest, wire_tag
+from kvdepot.server.tenant_metrics import TenantMetrics
 from kvdepot.server.tier_metrics import TierMetrics
 
 # Server-side lookups are an index walk: tens of microseconds, a millisecond when the RPC
@@ -235,6 +236,7 @@ class ServerMetrics:
             "kvdepot_server_info", "Server version and boot id.", ("version", "boot_id")
         )
         self._tiers = TierMetrics(self.registry)  # storage tiers below the buffer
+        self._tenants = TenantMetrics(self.registry)  # per tenant, with --tenants
 
     # --- events, from the RPC thread --------------------------------------------------------
 
@@ -315,6 +317,8 @@ class ServerMetrics:
             )
             for tier in stats.tiers:
                 self._tiers.update(tier)
+            for tenant in stats.tenants:
+                self._tenants.update(tenant)
 
     def _set_info(self, version: str, boot_id: str) -> None:
         labels = (version, boot_id)
