@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+import zmq
 from conftest import small_geometry
 from redis_support import RedisServer
 from server_process import ServerProcess
@@ -460,3 +461,51 @@ def test_vllm_engines_share_within_a_tenant_and_never_across(tmp_path, keys):
     log = Path(borrowed["log"]).read_text()
     said = [line for line in log.splitlines() if "refused this engine" in line]
     assert said and "this salt is not your tenant's" in said[0], log[-3000:]
+
+
+def test_a_connection_taking_over_a_sessions_routing_id_gets_none_of_it(tmp_path, keys):
+    """Routing ids are guessable, and a peer may pick its own: a connection of tenant b under
+    the id a session of tenant a had (its connection just closed) is not that session: every
+    request but Hello is refused, and nothing of a's is reached."""
+    srv = start(tmp_path, keys, tenant_file(tmp_path))
+    ctx = zmq.Context()
+    took_over = 0
+    try:
+        for trial in range(20):
+            victim = dealer(ctx, srv, keys, "a1", b"victim-%d" % trial)
+            hello = p.Hello(req_id=1, protocol_version=p.PROTOCOL_VERSION, engine_id="victim")
+            assert isinstance(ask(victim, hello), p.HelloReply)
+            reg = ask(victim, p.Register(req_id=2, model="m", geometry=small_geometry()))
+            assert isinstance(reg, p.RegisterReply)
+            victim.close(linger=0)
+            thief = dealer(ctx, srv, keys, "b", b"victim-%d" % trial)
+            lookup = p.Lookup(req_id=3, namespace=reg.namespace, keys=os.urandom(16), lease_ms=1000)
+            reply = ask(thief, lookup)
+            thief.close(linger=0)
+            if reply is None:  # the ROUTER still had the old connection: the thief was dropped
+                continue
+            assert isinstance(reply, p.ErrorReply) and reply.code == p.ErrorCode.NO_SESSION, reply
+            took_over += "for this connection" in reply.message
+        assert took_over, "no trial reached the session before its end: the check went untested"
+    finally:
+        ctx.term()
+        srv.stop()
+
+
+def dealer(ctx: zmq.Context, srv: ServerProcess, keys, name: str, routing_id: bytes) -> zmq.Socket:
+    c = curve(keys, name)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, c.server_key)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, c.public_key)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, c.secret_key)
+    sock.connect(f"tcp://127.0.0.1:{srv.port}")
+    return sock
+
+
+def ask(sock: zmq.Socket, request: p.Message, timeout_ms: int = 2000) -> p.Reply | None:
+    sock.send(p.encode(request))
+    if not sock.poll(timeout_ms):
+        return None
+    return p.decode_reply(sock.recv())

@@ -43,7 +43,9 @@ class RequestHandlers:
         partition = self._partition_of(client_key)
         engine_id = req.engine_id[:200] or identity.hex()
         old = self.sessions.get(identity)
-        if old is not None and old.engine_id != engine_id:
+        if old is not None and (old.engine_id != engine_id or old.client_key != client_key):
+            # Another engine, or another key under this routing id: nothing of the old
+            # session's passes to it.
             self._end_session(old, "re-introduced itself")
             old = None
         if old is None:

@@ -310,6 +310,12 @@ class CacheServer(RequestHandlers):
         elif session is None:
             reply = self._error(identity, request.req_id, p.ErrorCode.NO_SESSION,
                                 "no session: send Hello first (the server may have restarted)", now)
+        elif self.auth is not None and head.get("User-Id") != session.client_key:
+            # Another connection under this session's routing id (ids are guessable, and a
+            # peer may choose its own once the session's connection is gone): it is not the
+            # session's client, whatever it claims.
+            reply = self._error(identity, request.req_id, p.ErrorCode.NO_SESSION,
+                                "no session for this connection: send Hello first", now)
         else:
             session.last_seen = now
             if kind is p.Batch:
