@@ -1,10 +1,14 @@
-"""The engine process of bench/vllm_multi_round.py: one vLLM engine, one system, its rounds.
+"""The engine processes of bench/vllm_multi_round.py and bench/vllm_miss_decode.py.
 
+bench/vllm_multi_round.py: one vLLM engine, one system, its rounds.
 Run by the driver as ``python bench/multi_round_engine.py SPEC.json`` with
 VLLM_ENABLE_V1_MULTIPROCESSING=0, so that the scheduler, the worker and the connector all run
 in this process (the per-round connector figures and the trace wrap them here). The spec names
 the mode, the system's engine arguments and the workload; the results file is rewritten after
 each round (or timed prompt), so an engine stopped early leaves what it measured.
+
+bench/vllm_miss_decode.py: ``python bench/multi_round_engine.py serve SPEC.json FD`` (same
+variable), one engine that takes commands (``serve_main``) while another runs beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -168,7 +173,11 @@ def engine_main(spec_path: str) -> None:
         _partial_hit(spec["system"], w, vocab, llm, generate, result, save)
     result["engine_s"] = time.monotonic() - started
     save()
-    # Shut down as vLLM does at exit, so the connector can finish its stores in flight.
+    _shut_down(llm)
+
+
+def _shut_down(llm) -> None:
+    """Shut down as vLLM does at exit, so that the connector can finish its stores in flight."""
     t = threading.Thread(target=llm.llm_engine.engine_core.shutdown, daemon=True)
     t.start()
     t.join(30)
@@ -214,5 +223,130 @@ def _partial_hit(system: str, w: dict, vocab, llm, generate, result: dict, save)
         time.sleep(w["settle"])  # stores are asynchronous: let the last ones commit
 
 
+def serve_main(spec_path: str, reply_fd: int) -> None:
+    """bench/vllm_miss_decode.py's engine: commands (JSON lines) on stdin, one JSON reply per
+    command on ``reply_fd``: ready (after start-up), then generate (a timed generate call) or
+    decode (a busy engine's closed loop), until quit."""
+    spec = json.loads(Path(spec_path).read_text())
+    reply = os.fdopen(reply_fd, "w", buffering=1)
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    kw = dict(model=spec["model_dir"], load_format=spec["load_format"], skip_tokenizer_init=True,
+              enforce_eager=not spec["cuda_graphs"], dtype="bfloat16", seed=0,
+              max_model_len=spec["max_model_len"], kv_cache_memory_bytes=spec["kv_cache_bytes"],
+              enable_prefix_caching=True, max_num_batched_tokens=spec["max_batched"],
+              max_num_seqs=spec["max_num_seqs"])
+    if spec["gpu_util"]:
+        kw["gpu_memory_utilization"] = spec["gpu_util"]
+    if spec["kv_transfer_config"]:
+        kw["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer_config"])
+    started = time.monotonic()
+    llm = LLM(**kw)
+    vocab = tuple(spec["vocab"])
+    tally = ConnectorTally(llm)
+    transfers = None
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group, has_kv_transfer_group
+
+    if has_kv_transfer_group():
+        worker = getattr(get_kv_transfer_group(), "_worker", None)
+        transfers = getattr(worker, "transfers", None)
+
+    def stores_in_flight() -> bool:  # a dict's truth under the GIL: no lock on the step's path
+        return transfers is not None and bool(transfers._store_pending)
+
+    def drain() -> float:
+        """Seconds until the connector's stores are over (0 without a connector)."""
+        t = time.perf_counter()
+        while stores_in_flight():
+            time.sleep(0.001)
+        return time.perf_counter() - t
+
+    core = llm.llm_engine.engine_core.engine_core
+    steps: list[tuple[float, int, int, bool]] = []  # time, scheduled tokens, requests, stores in flight
+    schedule = core.scheduler.schedule
+
+    def timed_schedule(*a, **k):
+        out = schedule(*a, **k)
+        steps.append((time.perf_counter(), out.total_num_scheduled_tokens, len(out.num_scheduled_tokens),
+                      stores_in_flight()))
+        return out
+
+    core.scheduler.schedule = timed_schedule
+    info = {"startup_s": time.monotonic() - started,
+            "async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling),
+            "kv_cache_tokens": (llm.llm_engine.vllm_config.cache_config.num_gpu_blocks or 0)
+            * llm.llm_engine.vllm_config.cache_config.block_size}
+    reply.write(json.dumps({"ready": True, **info}) + "\n")
+
+    def generate(cmd: dict) -> dict:
+        prompts = [TokensPrompt(prompt_token_ids=tokens(cmd["length"], s, vocab)) for s in cmd["seeds"]]
+        sp = SamplingParams(max_tokens=1, temperature=0, detokenize=False, ignore_eos=True)
+        tally.take()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+        return {"wall_s": wall, "drain_s": drain(), "cached": [int(o.num_cached_tokens or 0) for o in outs],
+                "prompt_tokens": cmd["length"] * len(prompts), **tally.take()}
+
+    def decode(cmd: dict) -> dict:
+        rng = random.Random(cmd["seed"])
+        n, c = cmd["requests"], cmd["concurrency"]
+        lens = [rng.randint(*cmd["tokens"]) for _ in range(n)]
+        prompts = [tokens(cmd["prompt"], cmd["seed"] * 100_003 + i, vocab) for i in range(n)]
+        engine = llm.llm_engine
+        running: set[str] = set()
+        admitted = generated = 0
+        tally.take()
+        steps.clear()
+        t0 = time.perf_counter()
+        while admitted < n or running:
+            while len(running) < c and admitted < n:  # arrivals: whenever a request finishes
+                rid = f"d{cmd['seed']}-{admitted}"
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=prompts[admitted]),
+                                   SamplingParams(max_tokens=lens[admitted], temperature=0, detokenize=False,
+                                                  ignore_eos=True, output_kind=RequestOutputKind.DELTA))
+                running.add(rid)
+                admitted += 1
+            for out in engine.step():
+                generated += len(out.outputs[0].token_ids)
+                if out.finished:
+                    running.discard(out.request_id)
+        wall = time.perf_counter() - t0
+        if generated != sum(lens):
+            raise RuntimeError(f"{generated} tokens generated, {sum(lens)} asked for")
+        return {"wall_s": wall, "drain_s": drain(), "output_tokens": generated, "steps": step_summary(steps),
+                **tally.take()}
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        try:
+            res = generate(cmd) if cmd["op"] == "generate" else decode(cmd)
+        except Exception as exc:  # noqa: BLE001 - the driver records it and stops
+            res = {"error": repr(exc)}
+        reply.write(json.dumps(res) + "\n")
+    reply.close()
+    _shut_down(llm)
+
+
+def step_summary(steps: list[tuple[float, int, int, bool]]) -> dict:
+    """The cadence of schedule() calls: an interval belongs to the step scheduled at its start.
+    A decode-only step schedules one token per request."""
+    decode = [(b[0] - a[0], a[3]) for a, b in zip(steps, steps[1:]) if a[1] == a[2] and a[1] > 0]
+    with_stores = [d for d, s in decode if s]
+    without = [d for d, s in decode if not s]
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return {"steps": len(steps), "decode_steps": len(decode), "decode_steps_with_stores": len(with_stores),
+            "decode_step_s_median": med([d for d, _ in decode]), "decode_step_s_sum": sum(d for d, _ in decode),
+            "decode_step_s_median_with_stores": med(with_stores), "decode_step_s_median_no_stores": med(without)}
+
+
 if __name__ == "__main__":
-    engine_main(sys.argv[1])
+    if sys.argv[1] == "serve":
+        serve_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        engine_main(sys.argv[1])

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work, in one call (device time is scarce): GPU tests, then
 # benchmarks. Needs the slim vLLM bundle in .vllmslim/carry, built by
-# ../shared/tools/vllm-gpu/build.sh with EXTRA_WHEELS="crc32c==2.9.post0 blake3==1.0.11"
-# (the server imports crc32c, the connector blake3; the GPU image has neither) until build.sh
-# carries them.
+# ../shared/tools/vllm-gpu/build.sh with EXTRA_WHEELS="crc32c==2.9.post0 blake3==1.0.11 redis==8.1.0"
+# (the server imports crc32c and redis (its remote tier's key_slot), the connector blake3; the
+# GPU image has none of them) until build.sh carries them.
 #
 #   bash bench/run_gpu_suite.sh OUT_DIR [tests] [e2e] [transfer] [trace] [ttft] [ttft-trace] [ttft-disk]
+#       [multi-round] [multi-round-nocache] [multi-round-trace] [partial-hit]
+#       [miss-cost] [decode-stores] [decode-stores-graphs]
 #
 # Each stage has its own time limit, so one that hangs cannot cost the others' results; with
 # SUITE_DEADLINE_S set, no stage runs past that many seconds from the start (keep it under the
@@ -71,6 +73,12 @@ for s in $stages; do
     multi-round-trace) stage vllm_multi_round_trace 240 python3 bench/vllm_multi_round.py \
             --systems kvdepot --trace --out "$out/vllm_multi_round_trace.json"
         grep -E "^(system|kvdepot) |^trace |WARNING" "$out/vllm_multi_round_trace.log" ;;
+    miss-cost) stage vllm_miss_cost 330 python3 bench/vllm_miss_decode.py --cases ttft batch \
+            --out "$out/vllm_miss_cost.json"
+        sed -n '/^case /,$p' "$out/vllm_miss_cost.log" ;;
+    decode-stores | decode-stores-graphs) stage vllm_${s//-/_} 300 python3 bench/vllm_miss_decode.py \
+            --cases decode $([[ $s == *graphs ]] && echo --cuda-graphs) --out "$out/vllm_${s//-/_}.json"
+        sed -n '/^case /,$p' "$out/vllm_${s//-/_}.log" ;;
     partial-hit) stage vllm_partial_hit 480 python3 bench/vllm_multi_round.py --mode partial-hit \
             --max-batched 34816 --out "$out/vllm_partial_hit.json"
         grep -A8 "^partial hit" "$out/vllm_partial_hit.log" ;;
