@@ -78,3 +78,24 @@ def test_second_process_on_gpu_gets_bit_identical_kv(model, stored, load_mode):
     stats = srv.stats()
     assert stats.retrieved_chunks - before.retrieved_chunks == 3 * WHOLE // CHUNK
     assert stats.leases_held == 0
+
+
+def test_cuda_graphs_are_captured_while_the_connector_registers(model):
+    """vLLM's default mode captures CUDA graphs at start, in the global capture mode: any
+    other thread's allocation, host registration or module load then kills the engine. The
+    server is up before the engines start, so the connector's I/O thread registers, pins the
+    arena and compiles its kernels while vLLM captures. Both engines must start, and engine B
+    (graphs on) must load engine A's chunks bit-identically to A's own GPU prefix-cache hit."""
+    graphs = {"enforce_eager": False}
+    with vs.KVDepotServer(cpu_buffer_gb=1.0) as srv:
+        cfg = vs.kvdepot_transfer_config(srv.port)
+        a = vs.run_engine(model, ROUNDS[:1] * 2, kv_transfer_config=cfg,
+                          kv_cache_memory_bytes=256 << 20, engine_args=graphs)
+        computed, gpu_hit = (r["outputs"][0] for r in a["rounds"])
+        assert computed["num_cached_tokens"] == 0 and gpu_hit["num_cached_tokens"] == WHOLE
+        b = vs.run_engine(model, ROUNDS[:1], kv_transfer_config=cfg,
+                          kv_cache_memory_bytes=256 << 20, engine_args=graphs)
+        loaded = b["rounds"][0]["outputs"][0]
+        assert loaded["num_cached_tokens"] == WHOLE
+        assert loaded["tokens"] == gpu_hit["tokens"]
+        assert loaded["logprobs"] == gpu_hit["logprobs"]

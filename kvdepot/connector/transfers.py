@@ -275,6 +275,16 @@ class TransferWorker:
     # --- the I/O thread ---------------------------------------------------------------------
 
     def _io_loop(self) -> None:
+        layout = self.copiers.layout
+        if layout is not None and layout.device.type == "cuda":
+            from kvdepot.transfer.pinning import relax_stream_capture  # CUDA engines only
+
+            try:
+                # This thread registers, pins and compiles while vLLM may capture its graphs.
+                relax_stream_capture()
+            except Exception as exc:  # noqa: BLE001 - transfers work; capture is at risk
+                self._log.warning("kvdepot: rank %d could not relax CUDA graph capture for its "
+                                  "I/O thread: %r", self.rank, exc)
         while True:
             with self._cv:
                 while not self._closed and not self._loads and not self._stores:

@@ -108,6 +108,8 @@ class CudaRuntime:
         lib.cudaGetLastError.restype = c_int
         lib.cudaRuntimeGetVersion.argtypes = [ctypes.POINTER(c_int)]
         lib.cudaSetDevice.argtypes = [c_int]
+        lib.cudaThreadExchangeStreamCaptureMode.argtypes = [ctypes.POINTER(c_int)]
+        lib.cudaThreadExchangeStreamCaptureMode.restype = c_int
         lib.cudaHostRegister.argtypes = [vp, c_size, ctypes.c_uint]
         lib.cudaHostUnregister.argtypes = [vp]
         lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_uint]
@@ -244,6 +246,24 @@ class CudaRuntime:
 
 _runtime: CudaRuntime | None = None
 _runtime_lock = threading.Lock()
+_CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed
+
+
+def relax_stream_capture() -> None:
+    """Let the calling thread's CUDA calls run while another thread captures a CUDA graph.
+
+    vLLM captures its CUDA graphs at start in the global capture mode, in which an allocation,
+    a host registration or a module load from ANY thread invalidates the capture
+    (cudaErrorStreamCaptureInvalidated: the engine dies). kvdepot's threads (the connector's
+    I/O thread, the arena's pinning) may run then: the server may answer while vLLM captures.
+    In the relaxed mode (CUDA's cudaThreadExchangeStreamCaptureMode, made for threads like
+    these) this thread's calls are not checked against other threads' captures; they never
+    touch a captured stream. Call it first thing on such a thread; CudaError when CUDA refuses.
+    """
+    rt = cuda_runtime()
+    mode = ctypes.c_int(_CAPTURE_MODE_RELAXED)
+    rt.check(rt.lib.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode)),
+             "cudaThreadExchangeStreamCaptureMode")
 
 
 def cuda_runtime() -> CudaRuntime:
@@ -276,6 +296,7 @@ class ArenaPin:
     def _register(self) -> None:
         try:
             rt = cuda_runtime()
+            relax_stream_capture()  # a background pin may run while vLLM captures its graphs
             # A new thread's runtime starts on device 0; the registration's mapping must be made
             # in the context of the device that will use it.
             rt.set_device(self.device.index or 0)
